@@ -1,0 +1,59 @@
+"""The attention backend interface. The runner builds one AttentionMetadata per step; every layer's
+backend reads it to write the step's K/V into the paged cache and attend over it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    num_actual_tokens: int          # rows of q/k/v that are real (the rest is CUDA-graph padding)
+    num_reqs: int
+    max_query_len: int
+    max_seq_len: int
+    query_start_loc: torch.Tensor   # [num_reqs + 1] int32: row offsets of each request's queries
+    seq_lens: torch.Tensor          # [num_reqs] int32: context length after this step's tokens
+    block_table: torch.Tensor       # [num_reqs, max_blocks] int32
+    slot_mapping: torch.Tensor      # [num_tokens] int64: where each row's K/V goes; -1 = skip
+    # Host copies, for backends that loop in Python.
+    query_start_loc_cpu: torch.Tensor
+    seq_lens_cpu: torch.Tensor
+
+
+class AttentionImpl:
+    """One backend's attention for one layer."""
+
+    def __init__(self, num_heads: int, head_dim: int, scale: float, num_kv_heads: int) -> None:
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.num_kv_heads = num_kv_heads
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                kv_cache: torch.Tensor, attn_metadata: AttentionMetadata) -> torch.Tensor:
+        """query [T, H, D], key/value [T, KVH, D], kv_cache [2, num_blocks, block_size, KVH, D]
+        -> [T, H, D]."""
+        raise NotImplementedError
+
+
+def get_attn_backend_cls(name: str, device: torch.device) -> type[AttentionImpl]:
+    if name == "auto":
+        name = "triton" if device.type == "cuda" and _has_triton_backend() else "torch"
+    if name == "torch":
+        from folovllm.attention.backends.torch_ref import TorchAttentionImpl
+        return TorchAttentionImpl
+    if name == "triton":
+        if device.type != "cuda":
+            raise ValueError("attention_backend='triton' needs a CUDA device; use attention_backend='torch' on CPU")
+        from folovllm.attention.backends.triton_attn import TritonAttentionImpl
+        return TritonAttentionImpl
+    raise ValueError(f"unknown attention backend {name!r}; choose 'torch' or 'triton'")
+
+
+def _has_triton_backend() -> bool:
+    import importlib.util
+    return (importlib.util.find_spec("triton") is not None
+            and importlib.util.find_spec("folovllm.attention.backends.triton_attn") is not None)

@@ -1,0 +1,36 @@
+"""The attention layer models call. It owns its slice of the KV cache (bound once the cache is
+allocated) and hands q/k/v to the chosen backend."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from folovllm.attention.backends.abstract import AttentionImpl, AttentionMetadata
+
+
+class Attention(nn.Module):
+    def __init__(self, num_heads: int, head_dim: int, scale: float, num_kv_heads: int,
+                 impl_cls: type[AttentionImpl]) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.num_kv_heads = num_kv_heads
+        self.impl = impl_cls(num_heads, head_dim, scale, num_kv_heads)
+        self.kv_cache: torch.Tensor | None = None  # [2, num_blocks, block_size, KVH, D]
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                attn_metadata: AttentionMetadata | None) -> torch.Tensor:
+        num_tokens = q.shape[0]
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if attn_metadata is None or self.kv_cache is None:
+            # Memory profiling before the cache exists: causal attention over the batch as one
+            # sequence costs what a prefill of this size costs.
+            o = torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True,
+                scale=self.impl.scale, enable_gqa=self.num_heads != self.num_kv_heads).transpose(0, 1)
+        else:
+            o = self.impl.forward(q, k, v, self.kv_cache, attn_metadata)
+        return o.reshape(num_tokens, self.num_heads * self.head_dim)

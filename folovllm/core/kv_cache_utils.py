@@ -1,0 +1,40 @@
+"""Block hashing for prefix caching, and KV-cache sizing."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def hash_block_tokens(parent_block_hash: int | None, block_token_ids: Sequence[int],
+                      extra_keys: tuple | None = None) -> int:
+    """A block's hash covers its parent's hash, so equal hashes mean equal whole prefixes, not
+    just equal blocks. Python's hash of a tuple of ints is stable within a process, which is all
+    the cache needs."""
+    return hash((parent_block_hash, tuple(block_token_ids), extra_keys))
+
+
+def hash_request_tokens(block_size: int, token_ids: Sequence[int], start_hashes: list[int]) -> list[int]:
+    """Extend `start_hashes` (hashes of the first len(start_hashes) full blocks) to every full
+    block of token_ids."""
+    hashes = list(start_hashes)
+    parent = hashes[-1] if hashes else None
+    for start in range(len(hashes) * block_size, len(token_ids) - block_size + 1, block_size):
+        parent = hash_block_tokens(parent, token_ids[start:start + block_size])
+        hashes.append(parent)
+    return hashes
+
+
+def kv_cache_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """K and V, every layer."""
+    return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def check_enough_kv_cache(num_blocks: int, block_size: int, max_model_len: int, knob: str) -> None:
+    capacity = num_blocks * block_size
+    if capacity < max_model_len:
+        raise ValueError(
+            f"the KV cache holds {num_blocks} blocks x {block_size} tokens = {capacity} tokens, fewer than "
+            f"max_model_len ({max_model_len}), so one full-length request could never run; {knob}, "
+            f"or lower max_model_len to at most {capacity}")

@@ -1,0 +1,214 @@
+"""Continuous batching without phases: every request's num_computed_tokens chases its num_tokens.
+
+Each step hands out a budget of max_num_batched_tokens tokens. Running requests come first (a
+decode costs one token; a prompt being prefilled in chunks takes what the budget allows), then
+waiting ones in arrival order while there is budget, room under max_num_seqs and free blocks.
+When a running request cannot get a block, the newest running request is preempted: its blocks
+are freed and it goes back to the front of the queue, to be recomputed later.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from folovllm.config import CacheConfig, SchedulerConfig
+from folovllm.core.kv_cache_manager import KVCacheManager
+from folovllm.core.sched.output import (CachedRequestData, ModelRunnerOutput, NewRequestData,
+                                        SchedulerOutput)
+from folovllm.request import Request, RequestStatus
+
+
+@dataclass
+class EngineCoreOutput:
+    """One request's news from one step."""
+    req_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[dict[int, float]] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class Scheduler:
+    def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig,
+                 num_blocks: int, max_model_len: int) -> None:
+        self.config = scheduler_config
+        self.max_num_seqs = scheduler_config.max_num_seqs
+        assert scheduler_config.max_num_batched_tokens is not None, "call SchedulerConfig.finalize first"
+        self.max_num_batched_tokens = scheduler_config.max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.block_size = cache_config.block_size
+        self.kv_cache_manager = KVCacheManager(num_blocks, cache_config.block_size,
+                                               cache_config.enable_prefix_caching)
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.finished_req_ids: set[str] = set()
+        self.num_preemptions = 0
+
+    # ---- requests in and out -------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def finish_requests(self, request_ids: str | Iterable[str], status: RequestStatus) -> None:
+        """End requests from outside the step (abort, or a stop string the detokenizer found)."""
+        assert RequestStatus.is_finished(status)
+        if isinstance(request_ids, str):
+            request_ids = (request_ids,)
+        for req_id in request_ids:
+            request = self.requests.get(req_id)
+            if request is None or request.is_finished():
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            request.status = status
+            self._free_request(request)
+
+    def _free_request(self, request: Request) -> None:
+        self.kv_cache_manager.free(request)
+        self.finished_req_ids.add(request.request_id)
+        del self.requests[request.request_id]
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.get_num_unfinished_requests() > 0
+
+    # ---- one step ------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        token_budget = self.max_num_batched_tokens
+        num_scheduled_tokens: dict[str, int] = {}
+        new_reqs: list[NewRequestData] = []
+        cached_reqs: list[CachedRequestData] = []
+        preempted: list[Request] = []
+
+        # Running requests first.
+        req_index = 0
+        while req_index < len(self.running) and token_budget > 0:
+            request = self.running[req_index]
+            num_new = min(request.num_tokens - request.num_computed_tokens, token_budget)
+            assert num_new > 0, f"{request} is running with nothing to compute"
+            while True:
+                new_blocks = self.kv_cache_manager.allocate_slots(request, num_new)
+                if new_blocks is not None:
+                    break
+                victim = self.running.pop()  # the newest
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is request:
+                    break
+            if new_blocks is None:  # it preempted itself
+                break
+            cached_reqs.append(CachedRequestData(request.request_id, False,
+                                                 [b.block_id for b in new_blocks],
+                                                 request.num_computed_tokens))
+            num_scheduled_tokens[request.request_id] = num_new
+            token_budget -= num_new
+            req_index += 1
+
+        # Then waiting ones, unless this step already had to take blocks back.
+        if not preempted:
+            while self.waiting and token_budget > 0 and len(self.running) < self.max_num_seqs:
+                request = self.waiting[0]
+                computed_blocks, num_cached = self.kv_cache_manager.get_computed_blocks(request)
+                num_new = request.num_tokens - num_cached
+                if num_new > token_budget:
+                    if not self.config.enable_chunked_prefill:
+                        break  # first come, first served: nobody overtakes it
+                    num_new = token_budget
+                new_blocks = self.kv_cache_manager.allocate_slots(request, num_new, computed_blocks)
+                if new_blocks is None:
+                    break
+                request.num_computed_tokens = num_cached
+                self.waiting.popleft()
+                block_ids = self.kv_cache_manager.get_block_ids(request.request_id)
+                if request.status == RequestStatus.PREEMPTED:
+                    cached_reqs.append(CachedRequestData(request.request_id, True, block_ids, num_cached))
+                else:
+                    new_reqs.append(NewRequestData(request.request_id, list(request.prompt_token_ids),
+                                                   request.sampling_params, block_ids, num_cached))
+                request.status = RequestStatus.RUNNING
+                self.running.append(request)
+                num_scheduled_tokens[request.request_id] = num_new
+                token_budget -= num_new
+
+        # The runner computes these tokens now; count them as computed so that the next
+        # schedule() sees where each request stands.
+        for req_id, num in num_scheduled_tokens.items():
+            self.requests[req_id].num_computed_tokens += num
+
+        output = SchedulerOutput(
+            scheduled_new_reqs=new_reqs,
+            scheduled_cached_reqs=cached_reqs,
+            num_scheduled_tokens=num_scheduled_tokens,
+            total_num_scheduled_tokens=self.max_num_batched_tokens - token_budget,
+            finished_req_ids=self.finished_req_ids,
+            preempted_req_ids={r.request_id for r in preempted},
+        )
+        self.finished_req_ids = set()
+        return output
+
+    def _preempt(self, request: Request) -> None:
+        self.kv_cache_manager.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def update_from_output(self, scheduler_output: SchedulerOutput,
+                           runner_output: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        outputs: list[EngineCoreOutput] = []
+        stopped: list[Request] = []
+        logprobs = runner_output.logprobs or [None] * len(runner_output.req_ids)
+        for req_id, token_ids, req_logprobs in zip(runner_output.req_ids,
+                                                   runner_output.sampled_token_ids, logprobs):
+            request = self.requests.get(req_id)
+            if request is None or request.status != RequestStatus.RUNNING or not token_ids:
+                continue  # aborted meanwhile, or a prompt chunk that samples nothing
+            new_token_ids = []
+            for token_id in token_ids:
+                request.append_output_token_ids([token_id])
+                new_token_ids.append(token_id)
+                if self._check_stop(request, token_id):
+                    stopped.append(request)
+                    break
+            outputs.append(EngineCoreOutput(
+                req_id, new_token_ids, req_logprobs[:len(new_token_ids)] if req_logprobs else None,
+                request.get_finished_reason(), request.stop_reason))
+        for request in stopped:
+            self.running.remove(request)
+            self._free_request(request)
+        return outputs
+
+    def _check_stop(self, request: Request, token_id: int) -> bool:
+        params = request.sampling_params
+        if request.num_output_tokens >= params.min_tokens and token_id in params.all_stop_token_ids:
+            request.status = RequestStatus.FINISHED_STOPPED
+            if token_id in params.stop_token_ids:
+                request.stop_reason = token_id
+            return True
+        if (request.max_tokens is not None and request.num_output_tokens >= request.max_tokens) \
+                or request.num_tokens >= self.max_model_len:
+            request.status = RequestStatus.FINISHED_LENGTH_CAPPED
+            return True
+        return False
+
+    def make_stats(self) -> dict[str, float]:
+        return {
+            "num_running_reqs": len(self.running),
+            "num_waiting_reqs": len(self.waiting),
+            "kv_cache_usage": self.kv_cache_manager.usage,
+            "num_preemptions": self.num_preemptions,
+            "time": time.monotonic(),
+        }

@@ -1,0 +1,79 @@
+"""Turns the scheduler's per-step token news into RequestOutputs: detokenizes incrementally,
+finds stop strings, accumulates logprobs and timings."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from folovllm.core.sched.scheduler import EngineCoreOutput
+from folovllm.engine.detokenizer import IncrementalDetokenizer
+from folovllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from folovllm.request import Request
+
+
+@dataclass
+class RequestState:
+    request: Request
+    detokenizer: IncrementalDetokenizer
+    metrics: RequestMetrics
+    output_token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, float]] | None = None
+    cumulative_logprob: float | None = None
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.states: dict[str, RequestState] = {}
+
+    def add_request(self, request: Request) -> None:
+        params = request.sampling_params
+        self.states[request.request_id] = RequestState(
+            request, IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params),
+            RequestMetrics(arrival_time=request.arrival_time),
+            logprobs=[] if params.logprobs is not None else None,
+            cumulative_logprob=0.0 if params.logprobs is not None else None)
+
+    def abort(self, request_id: str) -> None:
+        self.states.pop(request_id, None)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.states)
+
+    def process(self, core_outputs: list[EngineCoreOutput]) -> tuple[list[RequestOutput], list[str]]:
+        """Returns the outputs, and the ids of requests a stop string ended (the scheduler must
+        stop them too)."""
+        now = time.monotonic()
+        outputs, stopped_by_string = [], []
+        for co in core_outputs:
+            state = self.states.get(co.req_id)
+            if state is None:
+                continue
+            metrics = state.metrics
+            if metrics.first_token_time is None and co.new_token_ids:
+                metrics.first_token_time = now
+            metrics.last_token_time = now
+            state.output_token_ids.extend(co.new_token_ids)
+            if state.logprobs is not None and co.new_logprobs:
+                for tok, lp in zip(co.new_token_ids, co.new_logprobs):
+                    state.logprobs.append(lp)
+                    state.cumulative_logprob += lp.get(tok, 0.0)
+            finish_reason, stop_reason = co.finish_reason, co.stop_reason
+            stop_str = state.detokenizer.update(co.new_token_ids)
+            if stop_str is not None and finish_reason is None:
+                finish_reason, stop_reason = "stop", stop_str
+                stopped_by_string.append(co.req_id)
+            finished = finish_reason is not None
+            if finished:
+                metrics.finished_time = now
+                del self.states[co.req_id]
+            req = state.request
+            completion = CompletionOutput(
+                index=0, text=state.detokenizer.output_text, token_ids=list(state.output_token_ids),
+                cumulative_logprob=state.cumulative_logprob,
+                logprobs=None if state.logprobs is None else list(state.logprobs),
+                finish_reason=finish_reason, stop_reason=stop_reason)
+            outputs.append(RequestOutput(req.request_id, req.prompt, req.prompt_token_ids,
+                                         [completion], finished, metrics))
+        return outputs, stopped_by_string

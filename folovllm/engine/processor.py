@@ -1,0 +1,56 @@
+"""Prompts in: text, token ids or {"prompt_token_ids": [...]} -> a validated Request."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Union
+
+from folovllm.request import Request
+from folovllm.sampling_params import SamplingParams
+
+PromptType = Union[str, list[int], dict[str, Any]]
+
+
+class Processor:
+    def __init__(self, tokenizer, max_model_len: int, vocab_size: int, eos_token_ids: set[int]) -> None:
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+        self.eos_token_ids = eos_token_ids
+
+    def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError("a dict prompt needs 'prompt' (text) or 'prompt_token_ids'")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model was loaded without a tokenizer, so prompts must be token ids "
+                                 "({'prompt_token_ids': [...]}); or pass tokenizer=PATH")
+            return prompt, self.tokenizer(prompt).input_ids
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        raise ValueError(f"a prompt must be text, a list of token ids or a dict, got {type(prompt).__name__}")
+
+    def process(self, request_id: str, prompt: PromptType, params: SamplingParams,
+                arrival_time: float | None = None) -> Request:
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        text, token_ids = self.tokenize(prompt)
+        if not token_ids:
+            raise ValueError("the prompt is empty; give at least one token")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(token_ids)} tokens, but max_model_len is {self.max_model_len}, "
+                             "which leaves no room for output; shorten the prompt or raise max_model_len")
+        bad = next((t for t in token_ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad} is outside the model's vocabulary [0, {self.vocab_size})")
+        # Each request owns its params: the engine adds this model's EOS ids to them.
+        params = copy.copy(params)
+        params.all_stop_token_ids = set(params.stop_token_ids)
+        params.update_from_generation_config(self.eos_token_ids)
+        return Request(request_id, token_ids, params, arrival_time, prompt=text)
+

@@ -1,0 +1,174 @@
+"""The Llama decoder, which Qwen2 and Qwen3 share: pre-norm blocks of GQA attention with rotary
+positions and a SiLU-gated MLP. The variants differ only in switches: bias on QKV (Qwen2),
+per-head RMSNorm on q and k (Qwen3), tied embeddings (config)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from folovllm.attention.backends.abstract import AttentionImpl, AttentionMetadata
+from folovllm.attention.layer import Attention
+from folovllm.model_executor.layers.activation import SiluAndMul
+from folovllm.model_executor.layers.layernorm import RMSNorm
+from folovllm.model_executor.layers.linear import Linear
+from folovllm.model_executor.layers.rotary_embedding import RotaryEmbedding
+from folovllm.model_executor.layers.vocab_parallel_embedding import LMHead, VocabEmbedding
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config, attn_impl: type[AttentionImpl], dtype: torch.dtype,
+                 qkv_bias: bool, qk_norm: bool, o_bias: bool) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = Linear(config.hidden_size, [self.q_size, self.kv_size, self.kv_size], qkv_bias, dtype)
+        self.o_proj = Linear(self.q_size, config.hidden_size, o_bias, dtype)
+        if qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
+        else:
+            self.q_norm = self.k_norm = None
+        self.rotary_emb = RotaryEmbedding(config, self.head_dim, config.max_position_embeddings, dtype)
+        self.attn = Attention(self.num_heads, self.head_dim, self.head_dim ** -0.5, self.num_kv_heads, attn_impl)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
+                attn_metadata: AttentionMetadata | None) -> torch.Tensor:
+        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.q_norm is not None:
+            q = self.q_norm(q.reshape(-1, self.head_dim)).view(q.shape)
+            k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)
+        q, k = self.rotary_emb(positions, q, k)
+        return self.o_proj(self.attn(q, k, v, attn_metadata))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config, dtype: torch.dtype) -> None:
+        super().__init__()
+        bias = getattr(config, "mlp_bias", False)
+        self.gate_up_proj = Linear(config.hidden_size, [config.intermediate_size] * 2, bias, dtype)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias, dtype)
+        act = getattr(config, "hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"hidden_act {act!r} is not supported; only 'silu' is")
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config, attn_impl, dtype, **attn_switches) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config, attn_impl, dtype, **attn_switches)
+        self.mlp = LlamaMLP(config, dtype)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+
+    def forward(self, positions, hidden, residual, attn_metadata):
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, attn_metadata)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config, attn_impl, dtype, **attn_switches) -> None:
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, dtype)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, attn_impl, dtype, **attn_switches)
+                                    for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+
+    def forward(self, input_ids, positions, attn_metadata):
+        hidden = self.embed_tokens(input_ids)
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual, attn_metadata)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LlamaForCausalLM(nn.Module):
+    # checkpoint name -> (our merged parameter, which part of it)
+    stacked_params_mapping = [
+        ("qkv_proj", "q_proj", 0), ("qkv_proj", "k_proj", 1), ("qkv_proj", "v_proj", 2),
+        ("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1),
+    ]
+
+    def __init__(self, config, attn_impl: type[AttentionImpl], dtype: torch.dtype) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config, attn_impl, dtype, **self.attention_switches(config))
+        tied = self.model.embed_tokens if getattr(config, "tie_word_embeddings", False) else None
+        self.lm_head = LMHead(config.vocab_size, config.hidden_size, dtype, tied)
+
+    @staticmethod
+    def attention_switches(config) -> dict[str, bool]:
+        bias = bool(getattr(config, "attention_bias", False))
+        return {"qkv_bias": bias, "qk_norm": False, "o_bias": bias}
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                attn_metadata: AttentionMetadata | None) -> torch.Tensor:
+        return self.model(input_ids, positions, attn_metadata)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Load (HF name, tensor) pairs; return the names of the parameters that were filled."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        tied = getattr(self.config, "tie_word_embeddings", False)
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name or (tied and name == "lm_head.weight"):
+                continue
+            for merged, part, shard in self.stacked_params_mapping:
+                if f".{part}." in name:
+                    target = name.replace(f".{part}.", f".{merged}.")
+                    self._load(params, target, tensor, name, shard)
+                    loaded.add(f"{target}#{shard}")
+                    break
+            else:
+                self._load(params, name, tensor, name, None)
+                loaded.add(name)
+        return loaded
+
+    def _load(self, params, target: str, tensor: torch.Tensor, name: str, shard: int | None) -> None:
+        param = params.get(target)
+        if param is None:
+            raise ValueError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}: "
+                             "the checkpoint does not match this architecture")
+        module = self.get_submodule(target.rsplit(".", 1)[0])
+        loader = getattr(module, "weight_loader", None)
+        if loader is not None:
+            loader(param, tensor, shard, name)
+        elif tuple(param.shape) != tuple(tensor.shape):
+            raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, but the model "
+                             f"config implies {tuple(param.shape)}: the weights do not match config.json")
+        else:
+            param.data.copy_(tensor)
+
+    def expected_weight_names(self) -> set[str]:
+        """What load_weights must report for a complete checkpoint."""
+        names = set()
+        mergeable = {m: len([1 for mm, _, _ in self.stacked_params_mapping if mm == m])
+                     for m, _, _ in self.stacked_params_mapping}
+        for name, _ in self.named_parameters():
+            merged = next((m for m in mergeable if f".{m}." in name), None)
+            if merged:
+                names.update(f"{name}#{i}" for i in range(mergeable[merged]))
+            else:
+                names.add(name)
+        if getattr(self.config, "tie_word_embeddings", False):
+            names.discard("lm_head.weight")
+        return names
