@@ -61,9 +61,12 @@ class OutputProcessor:
                     state.cumulative_logprob += lp.get(tok, 0.0)
             finish_reason, stop_reason = co.finish_reason, co.stop_reason
             stop_str = state.detokenizer.update(co.new_token_ids)
-            if stop_str is not None and finish_reason is None:
+            if stop_str is None and finish_reason is not None:
+                stop_str = state.detokenizer.finish()  # release text held back for a partial character
+            if stop_str is not None:
+                if finish_reason is None:
+                    stopped_by_string.append(co.req_id)
                 finish_reason, stop_reason = "stop", stop_str
-                stopped_by_string.append(co.req_id)
             finished = finish_reason is not None
             if finished:
                 metrics.finished_time = now

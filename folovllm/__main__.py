@@ -1,0 +1,5 @@
+import sys
+
+from folovllm.entrypoints.cli import main
+
+sys.exit(main())
