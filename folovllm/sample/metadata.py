@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -40,9 +41,12 @@ def pad_token_ids(rows: list[list[int]], pad: int) -> list[list[int]]:
     return [r + [pad] * (width - len(r)) for r in rows]
 
 
-def build_sampling_metadata(params: list[SamplingParams], prompt_token_ids: list[list[int]],
-                            output_token_ids: list[list[int]], generators: dict[int, torch.Generator],
-                            vocab_size: int, device: torch.device) -> SamplingMetadata:
+def build_sampling_metadata(params: list[SamplingParams], num_output_tokens: list[int],
+                            generators: dict[int, torch.Generator], vocab_size: int, device: torch.device,
+                            token_ids: Callable[[], tuple[list[list[int]], list[list[int]]]] | None = None,
+                            ) -> SamplingMetadata:
+    """`token_ids()` gives each row's (prompt ids, output ids); it is called only when a row uses
+    penalties, so the common step never copies token histories."""
     greedy = [p.greedy for p in params]
     all_greedy, all_random = all(greedy), not any(greedy)
     # Greedy rows ignore the filters, so only random rows decide whether a filter tensor exists.
@@ -63,7 +67,11 @@ def build_sampling_metadata(params: list[SamplingParams], prompt_token_ids: list
     no_penalties = all(p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
                        and p.repetition_penalty == 1.0 for p in params)
     prompt_ids = presence = frequency = repetition = None
+    output_token_ids: list[list[int]] = []
     if not no_penalties:
+        if token_ids is None:
+            raise ValueError("penalties need the rows' token ids: pass token_ids")
+        prompt_token_ids, output_token_ids = token_ids()
         prompt_ids = to_device(pad_token_ids(prompt_token_ids, vocab_size), torch.int64, device)
         presence = to_device([p.presence_penalty for p in params], torch.float32, device)
         frequency = to_device([p.frequency_penalty for p in params], torch.float32, device)
@@ -71,7 +79,7 @@ def build_sampling_metadata(params: list[SamplingParams], prompt_token_ids: list
 
     requested = [p.logprobs for p in params if p.logprobs is not None]
     min_tokens = {i: set(p.all_stop_token_ids) for i, p in enumerate(params)
-                  if p.all_stop_token_ids and len(output_token_ids[i]) < p.min_tokens}
+                  if p.all_stop_token_ids and num_output_tokens[i] < p.min_tokens}
 
     return SamplingMetadata(
         temperature=temperature, all_greedy=all_greedy, all_random=all_random,

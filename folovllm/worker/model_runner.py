@@ -1,66 +1,82 @@
 """Turns a SchedulerOutput into one forward pass and the sampled tokens.
 
-The runner keeps its own copy of every request it has seen (token ids, block ids, progress), so
-the scheduler only sends what changed. Each step it flattens the scheduled tokens of all requests
-into one batch: input ids, positions, the slot each new K/V goes to, block tables, query offsets
-and context lengths. Logits are computed only for the last row of requests that sample this step
-(a prompt chunk that does not reach the end of the prompt samples nothing).
+The runner keeps its own copy of every request it has seen (InputBatch), so the scheduler only
+sends what changed. Each step it flattens the scheduled tokens of all requests into one batch
+(input ids, positions, the slot each new K/V goes to, block tables, query offsets, context
+lengths), copies it into persistent device buffers, runs the model, and computes logits only for
+the last row of each request that samples (a prompt chunk that stops short of the prompt's end
+samples nothing).
+
+On a GPU, pure-decode steps replay CUDA graphs captured for a few batch sizes: the batch is padded
+to the next captured size with rows whose slot is -1 (their K/V is never written).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import time
 
 import numpy as np
 import torch
 from torch import nn
 
 from folovllm.attention.backends.abstract import AttentionMetadata
+from folovllm.attention.layer import Attention
 from folovllm.core.sched.output import ModelRunnerOutput, SchedulerOutput
 from folovllm.sample.metadata import build_sampling_metadata
 from folovllm.sample.sampler import Sampler
-from folovllm.sampling_params import SamplingParams
+from folovllm.worker.input_batch import InputBatch, StepInputs
+
+logger = logging.getLogger(__name__)
 
 
-@dataclass
-class CachedRequestState:
-    req_id: str
-    token_ids: list[int]          # prompt + generated so far
-    num_prompt_tokens: int
-    sampling_params: SamplingParams
-    generator: torch.Generator | None
-    block_ids: list[int]
-    num_computed_tokens: int
-
-
-@dataclass
-class BatchInputs:
-    input_ids: torch.Tensor
-    positions: torch.Tensor
-    attn_metadata: AttentionMetadata
-    logits_indices: torch.Tensor
-    req_ids: list[str]
-    sampling_req_ids: list[str]
+def default_graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    sizes = [1, 2, 4] + list(range(8, 256, 8)) + list(range(256, 1025, 32))
+    return [s for s in sizes if s < max_num_seqs] + [max_num_seqs]
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, device: torch.device, block_size: int, vocab_size: int) -> None:
+    def __init__(self, model: nn.Module, device: torch.device, block_size: int, vocab_size: int,
+                 max_num_reqs: int, max_model_len: int, max_num_tokens: int,
+                 use_cuda_graph: bool = False) -> None:
         self.model = model
         self.device = device
         self.block_size = block_size
         self.vocab_size = vocab_size
+        self.max_num_reqs = max_num_reqs
+        self.max_num_tokens = max_num_tokens
         self.sampler = Sampler()
-        self.requests: dict[str, CachedRequestState] = {}
+        self.input_batch = InputBatch(max_num_reqs, max_model_len, block_size)
+        self.attn_layers = [m for m in model.modules() if isinstance(m, Attention)]
+        self.use_cuda_graph = use_cuda_graph and device.type == "cuda" and all(
+            getattr(layer.impl, "supports_cuda_graph", False) for layer in self.attn_layers)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graph_hidden: torch.Tensor | None = None
         self.kv_caches: list[torch.Tensor] = []
+
+        # Persistent device buffers: a captured graph reads exactly these addresses. Pinned host
+        # twins make the per-step copies asynchronous.
+        pin = device.type == "cuda"
+        max_blocks = self.input_batch.block_table.shape[1]
+
+        def buffers(shape, dtype, fill=0):
+            host = torch.full(shape, fill, dtype=dtype, pin_memory=pin)
+            dev = host if device.type == "cpu" else host.to(device)
+            return host, host.numpy(), dev
+
+        self._input_ids_cpu, self._input_ids_np, self.input_ids = buffers((max_num_tokens,), torch.int64)
+        self._positions_cpu, self._positions_np, self.positions = buffers((max_num_tokens,), torch.int64)
+        self._slots_cpu, self._slots_np, self.slot_mapping = buffers((max_num_tokens,), torch.int64, -1)
+        self._qsl_cpu, self._qsl_np, self.query_start_loc = buffers((max_num_reqs + 1,), torch.int32)
+        self._seq_lens_cpu, self._seq_lens_np, self.seq_lens = buffers((max_num_reqs,), torch.int32)
+        self._block_table_cpu, self._block_table_np, self.block_table = buffers((max_num_reqs, max_blocks),
+                                                                                torch.int32)
 
     def initialize_kv_cache(self, num_blocks: int, dtype: torch.dtype) -> None:
         """One [2, num_blocks, block_size, KVH, D] tensor per layer, bound to its attention layer.
         Zeroed: masked-out slots are still read, and 0 * NaN from stale memory would be NaN."""
-        from folovllm.attention.layer import Attention
-
-        layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.kv_caches = []
-        for layer in layers:
+        for layer in self.attn_layers:
             cache = torch.zeros(2, num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim,
                                 dtype=dtype, device=self.device)
             layer.kv_cache = cache
@@ -69,119 +85,127 @@ class ModelRunner:
     # ---- state -------------------------------------------------------------------------
 
     def _update_states(self, so: SchedulerOutput) -> None:
+        batch = self.input_batch
         for req_id in so.finished_req_ids:
-            self.requests.pop(req_id, None)
+            batch.remove_request(req_id)
         for new in so.scheduled_new_reqs:
             params = new.sampling_params
             generator = None
             if params.seed is not None and not params.greedy:
                 generator = torch.Generator(device=self.device).manual_seed(params.seed)
-            self.requests[new.req_id] = CachedRequestState(
-                new.req_id, list(new.prompt_token_ids), len(new.prompt_token_ids), params,
-                generator, list(new.block_ids), new.num_computed_tokens)
+            batch.add_request(new.req_id, new.prompt_token_ids, params, new.block_ids,
+                              new.num_computed_tokens, generator)
         for cached in so.scheduled_cached_reqs:
-            state = self.requests[cached.req_id]
-            if cached.resumed_from_preemption:
-                state.block_ids = list(cached.new_block_ids)
-            else:
-                state.block_ids.extend(cached.new_block_ids)
-            state.num_computed_tokens = cached.num_computed_tokens
+            row = batch.req_id_to_index[cached.req_id]
+            batch.set_blocks(row, cached.new_block_ids, replace=cached.resumed_from_preemption)
+            batch.num_computed_tokens[row] = cached.num_computed_tokens
 
     # ---- inputs ------------------------------------------------------------------------
 
-    def _prepare_inputs(self, so: SchedulerOutput) -> BatchInputs:
-        bs = self.block_size
-        req_ids = list(so.num_scheduled_tokens)
-        num_reqs = len(req_ids)
-        ids, pos, slots = [], [], []
-        query_start_loc = np.zeros(num_reqs + 1, dtype=np.int32)
-        seq_lens = np.zeros(num_reqs, dtype=np.int32)
-        max_blocks = max(len(self.requests[r].block_ids) for r in req_ids)
-        block_table = np.zeros((num_reqs, max_blocks), dtype=np.int32)
-        logits_indices, sampling_req_ids = [], []
-        for i, req_id in enumerate(req_ids):
-            state = self.requests[req_id]
-            n = so.num_scheduled_tokens[req_id]
-            start = state.num_computed_tokens
-            end = start + n
-            positions = np.arange(start, end)
-            block_ids = np.asarray(state.block_ids, dtype=np.int64)
-            ids.append(np.asarray(state.token_ids[start:end], dtype=np.int64))
-            pos.append(positions)
-            slots.append(block_ids[positions // bs] * bs + positions % bs)
-            block_table[i, :len(block_ids)] = block_ids
-            query_start_loc[i + 1] = query_start_loc[i] + n
-            seq_lens[i] = end
-            state.num_computed_tokens = end
-            if end == len(state.token_ids):
-                logits_indices.append(query_start_loc[i + 1] - 1)
-                sampling_req_ids.append(req_id)
+    def _graph_size(self, step: StepInputs, num_tokens: int) -> int | None:
+        """The captured batch size a pure-decode step replays, if any."""
+        if not self.graphs or step.max_query_len != 1:
+            return None
+        return next((s for s in sorted(self.graphs) if s >= num_tokens), None)
 
-        dev = self.device
-        qsl_cpu = torch.from_numpy(query_start_loc)
-        seq_lens_cpu = torch.from_numpy(seq_lens)
-        md = AttentionMetadata(
-            num_actual_tokens=int(query_start_loc[-1]),
-            num_reqs=num_reqs,
-            max_query_len=int(np.diff(query_start_loc).max()),
-            max_seq_len=int(seq_lens.max()),
-            query_start_loc=qsl_cpu.to(dev, non_blocking=True),
-            seq_lens=seq_lens_cpu.to(dev, non_blocking=True),
-            block_table=torch.from_numpy(block_table).to(dev, non_blocking=True),
-            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev, non_blocking=True),
-            query_start_loc_cpu=qsl_cpu,
-            seq_lens_cpu=seq_lens_cpu,
-        )
-        return BatchInputs(
-            input_ids=torch.from_numpy(np.concatenate(ids)).to(dev, non_blocking=True),
-            positions=torch.from_numpy(np.concatenate(pos)).to(dev, non_blocking=True),
-            attn_metadata=md,
-            logits_indices=torch.tensor(logits_indices, dtype=torch.int64).to(dev, non_blocking=True),
-            req_ids=req_ids,
-            sampling_req_ids=sampling_req_ids,
-        )
+    def _copy_inputs(self, step: StepInputs, padded: int) -> AttentionMetadata:
+        """Stage the step's inputs in the pinned buffers and copy them to the device. Rows from
+        len(step) to `padded` are padding: slot -1, a one-token context, query length one."""
+        t, r = len(step.input_ids), len(step.seq_lens)
+        mb = step.block_table.shape[1]
+        self._input_ids_np[:t] = step.input_ids
+        self._positions_np[:t] = step.positions
+        self._slots_np[:t] = step.slot_mapping
+        self._qsl_np[:r + 1] = step.query_start_loc
+        self._seq_lens_np[:r] = step.seq_lens
+        self._block_table_np[:r, :mb] = step.block_table
+        num_reqs = r
+        if padded > t:  # only pure-decode steps are padded, so padding rows are requests too
+            self._input_ids_np[t:padded] = 0
+            self._positions_np[t:padded] = 0
+            self._slots_np[t:padded] = -1
+            self._qsl_np[r + 1:padded + 1] = np.arange(t + 1, padded + 1)
+            self._seq_lens_np[r:padded] = 1
+            num_reqs = padded
+        if self.device.type != "cpu":
+            self.input_ids[:padded].copy_(self._input_ids_cpu[:padded], non_blocking=True)
+            self.positions[:padded].copy_(self._positions_cpu[:padded], non_blocking=True)
+            self.slot_mapping[:padded].copy_(self._slots_cpu[:padded], non_blocking=True)
+            self.query_start_loc[:num_reqs + 1].copy_(self._qsl_cpu[:num_reqs + 1], non_blocking=True)
+            self.seq_lens[:num_reqs].copy_(self._seq_lens_cpu[:num_reqs], non_blocking=True)
+            self.block_table[:r, :mb].copy_(self._block_table_cpu[:r, :mb], non_blocking=True)
+        return self._metadata(num_reqs, padded, t, step.max_query_len, int(step.seq_lens.max()))
+
+    def _metadata(self, num_reqs: int, num_tokens: int, num_actual: int, max_query_len: int,
+                  max_seq_len: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            num_actual_tokens=num_actual, num_reqs=num_reqs, max_query_len=max_query_len,
+            max_seq_len=max_seq_len,
+            query_start_loc=self.query_start_loc[:num_reqs + 1], seq_lens=self.seq_lens[:num_reqs],
+            block_table=self.block_table[:num_reqs], slot_mapping=self.slot_mapping[:num_tokens],
+            query_start_loc_cpu=self._qsl_cpu[:num_reqs + 1], seq_lens_cpu=self._seq_lens_cpu[:num_reqs])
 
     # ---- one step ----------------------------------------------------------------------
 
     @torch.inference_mode()
-    def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
+    def forward(self, so: SchedulerOutput) -> tuple[torch.Tensor, StepInputs]:
+        """Run the model over the step's tokens: hidden states of every scheduled row."""
         self._update_states(so)
-        if so.total_num_scheduled_tokens == 0:
-            return ModelRunnerOutput([], [])
-        batch = self._prepare_inputs(so)
-        hidden = self.model(batch.input_ids, batch.positions, batch.attn_metadata)
-        sampled: dict[str, list[int]] = {}
-        req_logprobs: dict[str, list[dict[int, float]]] = {}
-        if batch.sampling_req_ids:
-            logits = self.model.compute_logits(hidden[batch.logits_indices])
-            sampled, req_logprobs = self._sample(logits, batch.sampling_req_ids)
-        want_logprobs = any(self.requests[r].sampling_params.logprobs is not None for r in batch.req_ids)
-        return ModelRunnerOutput(
-            req_ids=batch.req_ids,
-            sampled_token_ids=[sampled.get(r, []) for r in batch.req_ids],
-            logprobs=[req_logprobs.get(r) for r in batch.req_ids] if want_logprobs else None,
-        )
+        step = self.input_batch.prepare(list(so.num_scheduled_tokens), list(so.num_scheduled_tokens.values()))
+        t = len(step.input_ids)
+        graph_size = self._graph_size(step, t)
+        md = self._copy_inputs(step, graph_size or t)
+        if graph_size is not None:
+            self.graphs[graph_size].replay()
+            return self.graph_hidden[:t], step
+        return self.model(self.input_ids[:t], self.positions[:t], md), step
 
-    def _sample(self, logits: torch.Tensor, req_ids: list[str]):
-        states = [self.requests[r] for r in req_ids]
-        md = build_sampling_metadata(
-            [s.sampling_params for s in states],
-            [s.token_ids[:s.num_prompt_tokens] for s in states],
-            [s.token_ids[s.num_prompt_tokens:] for s in states],
-            {i: s.generator for i, s in enumerate(states) if s.generator is not None},
-            self.vocab_size, self.device)
+    @torch.inference_mode()
+    def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        if so.total_num_scheduled_tokens == 0:
+            self._update_states(so)
+            return ModelRunnerOutput([], [])
+        hidden, step = self.forward(so)
+        t = len(step.input_ids)
+        req_ids = list(so.num_scheduled_tokens)
+        sampled: list[list[int]] = [[] for _ in req_ids]
+        logprobs: list | None = None
+        if len(step.sampling_rows):
+            if len(step.logits_indices) == t:  # every row samples (pure decode): no gather
+                logits = self.model.compute_logits(hidden)
+            else:
+                idx = torch.from_numpy(step.logits_indices).to(self.device, non_blocking=True)
+                logits = self.model.compute_logits(hidden[idx])
+            logprobs = self._sample(logits, step, sampled)
+        return ModelRunnerOutput(req_ids=req_ids, sampled_token_ids=sampled, logprobs=logprobs)
+
+    def _sample(self, logits: torch.Tensor, step: StepInputs, sampled: list[list[int]]):
+        batch = self.input_batch
+        rows = step.req_indices[step.sampling_rows]
+        params = [batch.sampling_params[r] for r in rows]
+        num_output = (batch.num_tokens[rows] - batch.num_prompt_tokens[rows]).tolist()
+        generators = {i: batch.generators[r] for i, r in enumerate(rows) if r in batch.generators}
+
+        def token_ids():
+            pairs = [batch.prompt_and_output_ids(r) for r in rows]
+            return [p for p, _ in pairs], [o for _, o in pairs]
+
+        md = build_sampling_metadata(params, num_output, generators, self.vocab_size, self.device, token_ids)
         out = self.sampler(logits, md)
-        token_ids = out.sampled_token_ids.tolist()  # the one host sync of the step
-        sampled, logprobs = {}, {}
-        if out.logprobs is not None:
-            lp_ids, lp_vals = out.logprob_token_ids.tolist(), out.logprobs.tolist()
-        for i, (state, token_id) in enumerate(zip(states, token_ids)):
-            state.token_ids.append(token_id)
-            sampled[state.req_id] = [token_id]
-            n = state.sampling_params.logprobs
-            if n is not None and out.logprobs is not None:
-                logprobs[state.req_id] = [dict(zip(lp_ids[i][:n + 1], lp_vals[i][:n + 1]))]
-        return sampled, logprobs
+        token_ids_np = out.sampled_token_ids.cpu().numpy()  # the one host sync of the step
+        batch.append_tokens(rows, token_ids_np)
+        for i, tok in zip(step.sampling_rows.tolist(), token_ids_np.tolist()):
+            sampled[i] = [tok]
+        if out.logprobs is None:
+            return None
+        result: list = [None] * len(sampled)
+        lp_ids, lp_vals = out.logprob_token_ids.tolist(), out.logprobs.tolist()
+        for j, (i, p) in enumerate(zip(step.sampling_rows.tolist(), params)):
+            if p.logprobs is not None:
+                result[i] = [dict(zip(lp_ids[j][:p.logprobs + 1], lp_vals[j][:p.logprobs + 1]))]
+        return result
+
+    # ---- start-up ----------------------------------------------------------------------
 
     @torch.inference_mode()
     def profile_run(self, num_tokens: int, num_sampled: int) -> None:
@@ -191,3 +215,32 @@ class ModelRunner:
         positions = torch.arange(num_tokens, device=self.device)
         hidden = self.model(input_ids, positions, None)
         self.model.compute_logits(hidden[:num_sampled])
+
+    @torch.inference_mode()
+    def capture_cuda_graphs(self, batch_sizes: list[int]) -> float:
+        """Capture the model's forward for pure-decode batches of each size. Returns seconds spent."""
+        if not self.use_cuda_graph:
+            return 0.0
+        t0 = time.perf_counter()
+        sizes = sorted({s for s in batch_sizes if s <= min(self.max_num_reqs, self.max_num_tokens)}, reverse=True)
+        pool = torch.cuda.graph_pool_handle()
+        # Capture rows: one-token contexts in slot -1 (nothing is written to the cache).
+        self.slot_mapping.fill_(-1)
+        self.query_start_loc.copy_(torch.arange(self.max_num_reqs + 1, dtype=torch.int32, device=self.device))
+        self.seq_lens.fill_(1)
+        self.input_ids.zero_()
+        self.positions.zero_()
+        for size in sizes:
+            md = self._metadata(size, size, size, 1, 1)
+            self.model(self.input_ids[:size], self.positions[:size], md)  # compile and warm up
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = self.model(self.input_ids[:size], self.positions[:size], md)
+            if self.graph_hidden is None:
+                self.graph_hidden = out  # the largest size is captured first; the rest share its memory
+            elif out.data_ptr() != self.graph_hidden.data_ptr():
+                raise RuntimeError("CUDA graph outputs do not share one buffer; capture sizes in descending order")
+            self.graphs[size] = graph
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0

@@ -13,7 +13,7 @@ from folovllm.core.kv_cache_manager import cdiv
 from folovllm.core.kv_cache_utils import check_enough_kv_cache, kv_cache_bytes_per_token
 from folovllm.core.sched.output import ModelRunnerOutput, SchedulerOutput
 from folovllm.model_executor.model_loader import config_dtype, get_model
-from folovllm.worker.model_runner import ModelRunner
+from folovllm.worker.model_runner import ModelRunner, default_graph_batch_sizes
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +34,12 @@ class Worker:
         attn_impl = get_attn_backend_cls(config.attention_backend, self.device)
         model = get_model(config.model_config, hf_config, attn_impl, self.device, self.dtype)
         self.startup_times["load"] = time.perf_counter() - t0
-        self.model_runner = ModelRunner(model, self.device, config.cache_config.block_size,
-                                        hf_config.vocab_size)
+        sc = config.scheduler_config
+        self.model_runner = ModelRunner(
+            model, self.device, config.cache_config.block_size, hf_config.vocab_size,
+            max_num_reqs=sc.max_num_seqs, max_model_len=max_model_len,
+            max_num_tokens=max(sc.max_num_batched_tokens, sc.max_num_seqs),
+            use_cuda_graph=not config.enforce_eager)
 
     def num_kv_heads_and_head_dim(self) -> tuple[int, int]:
         c = self.hf_config
@@ -81,6 +85,9 @@ class Worker:
         t0 = time.perf_counter()
         self.model_runner.initialize_kv_cache(num_blocks, self.dtype)
         self.startup_times["kv_cache"] = time.perf_counter() - t0
+        if self.model_runner.use_cuda_graph:
+            sizes = default_graph_batch_sizes(self.config.scheduler_config.max_num_seqs)
+            self.startup_times["cuda_graphs"] = self.model_runner.capture_cuda_graphs(sizes)
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.model_runner.execute_model(scheduler_output)

@@ -57,11 +57,9 @@ def test_prompt_logits_match_hf(tiny_models, arch):
     [prompt] = random_prompts([33], seed=3)
     engine.add_request("r", {"prompt_token_ids": prompt}, SamplingParams(max_tokens=1))
     runner = engine.executor.worker.model_runner
-    so = engine.scheduler.schedule()
-    runner._update_states(so)
-    batch = runner._prepare_inputs(so)
+    hidden, _ = runner.forward(engine.scheduler.schedule())
     with torch.inference_mode():
-        ours = runner.model.compute_logits(runner.model(batch.input_ids, batch.positions, batch.attn_metadata))
+        ours = runner.model.compute_logits(hidden)
         ref = hf(torch.tensor([prompt])).logits[0]
     assert ours.shape == ref.shape
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)

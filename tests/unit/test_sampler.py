@@ -13,9 +13,11 @@ CPU = torch.device("cpu")
 
 def metadata(params, logits, prompts=None, outputs=None, generators=None):
     n = len(params)
-    return build_sampling_metadata(params, prompts or [[] for _ in range(n)],
-                                   outputs or [[] for _ in range(n)], generators or {},
-                                   vocab_size=logits.shape[1], device=CPU)
+    prompts = prompts or [[] for _ in range(n)]
+    outputs = outputs or [[] for _ in range(n)]
+    return build_sampling_metadata(params, [len(o) for o in outputs], generators or {},
+                                   vocab_size=logits.shape[1], device=CPU,
+                                   token_ids=lambda: (prompts, outputs))
 
 
 def sample(params, logits, **kw):
