@@ -48,9 +48,12 @@ class KVCacheManager:
             if block is None:
                 break
             hits.append(block)
-        self.num_cached_queries += request.num_tokens
-        self.num_cached_hits += len(hits) * self.block_size
         return hits, len(hits) * self.block_size
+
+    def record_prefix_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
+        """Count a lookup once its request is admitted (a waiting request is looked up each step)."""
+        self.num_cached_queries += num_tokens
+        self.num_cached_hits += num_hit_tokens
 
     def allocate_slots(self, request: Request, num_new_tokens: int,
                        new_computed_blocks: list[KVCacheBlock] | None = None) -> list[KVCacheBlock] | None:

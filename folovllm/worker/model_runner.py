@@ -77,8 +77,13 @@ class ModelRunner:
         Zeroed: masked-out slots are still read, and 0 * NaN from stale memory would be NaN."""
         self.kv_caches = []
         for layer in self.attn_layers:
-            cache = torch.zeros(2, num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim,
-                                dtype=dtype, device=self.device)
+            shape = (2, num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
+            if self.device.type == "cpu" and dtype == torch.float32:
+                # numpy's zeros come from calloc: the OS commits pages as blocks are first used,
+                # instead of torch.zeros writing gigabytes up front.
+                cache = torch.from_numpy(np.zeros(shape, dtype=np.float32))
+            else:
+                cache = torch.zeros(shape, dtype=dtype, device=self.device)
             layer.kv_cache = cache
             self.kv_caches.append(cache)
 

@@ -130,6 +130,8 @@ class Scheduler:
                 if new_blocks is None:
                     break
                 request.num_computed_tokens = num_cached
+                if self.kv_cache_manager.enable_caching:
+                    self.kv_cache_manager.record_prefix_lookup(request.num_tokens, num_cached)
                 self.waiting.popleft()
                 block_ids = self.kv_cache_manager.get_block_ids(request.request_id)
                 if request.status == RequestStatus.PREEMPTED:

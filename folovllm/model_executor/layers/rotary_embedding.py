@@ -39,6 +39,8 @@ def compute_inv_freq(config, head_dim: int) -> tuple[torch.Tensor, float]:
 
 
 class RotaryEmbedding(nn.Module):
+    """One per model: every layer uses the same table."""
+
     def __init__(self, config, head_dim: int, max_position: int, dtype: torch.dtype) -> None:
         super().__init__()
         self.head_dim = head_dim

@@ -20,7 +20,7 @@ from folovllm.model_executor.layers.vocab_parallel_embedding import LMHead, Voca
 
 class LlamaAttention(nn.Module):
     def __init__(self, config, attn_impl: type[AttentionImpl], dtype: torch.dtype,
-                 qkv_bias: bool, qk_norm: bool, o_bias: bool) -> None:
+                 rotary_emb: RotaryEmbedding, qkv_bias: bool, qk_norm: bool, o_bias: bool) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
@@ -34,7 +34,7 @@ class LlamaAttention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
         else:
             self.q_norm = self.k_norm = None
-        self.rotary_emb = RotaryEmbedding(config, self.head_dim, config.max_position_embeddings, dtype)
+        self.rotary_emb = rotary_emb
         self.attn = Attention(self.num_heads, self.head_dim, self.head_dim ** -0.5, self.num_kv_heads, attn_impl)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
@@ -63,9 +63,9 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, attn_impl, dtype, **attn_switches) -> None:
+    def __init__(self, config, attn_impl, dtype, rotary_emb, **attn_switches) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, attn_impl, dtype, **attn_switches)
+        self.self_attn = LlamaAttention(config, attn_impl, dtype, rotary_emb, **attn_switches)
         self.mlp = LlamaMLP(config, dtype)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
@@ -85,7 +85,10 @@ class LlamaModel(nn.Module):
     def __init__(self, config, attn_impl, dtype, **attn_switches) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, dtype)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, attn_impl, dtype, **attn_switches)
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        rotary_emb = RotaryEmbedding(config, head_dim, config.max_position_embeddings, dtype)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, attn_impl, dtype, rotary_emb, **attn_switches)
                                     for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 

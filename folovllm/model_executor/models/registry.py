@@ -15,8 +15,14 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
 }
 
 
+# Configs built from GGUF metadata name a model_type but no architecture.
+MODEL_TYPE_TO_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
 def get_model_cls(hf_config) -> type[nn.Module]:
     archs = list(getattr(hf_config, "architectures", None) or [])
+    if not archs and getattr(hf_config, "model_type", None) in MODEL_TYPE_TO_ARCH:
+        archs = [MODEL_TYPE_TO_ARCH[hf_config.model_type]]
     for arch in archs:
         if arch in MODEL_REGISTRY:
             return MODEL_REGISTRY[arch]

@@ -1,0 +1,294 @@
+"""Load GGUF checkpoints (llama.cpp format) as Hugging Face-named float32 tensors.
+
+Config and tokenizer come from transformers' GGUF support. Weights are
+dequantized here one tensor at a time, so peak memory stays near the largest
+tensor rather than a whole float32 state dict.
+
+The header is parsed by a small scanner instead of gguf.GGUFReader: the reader
+builds a numpy object per vocabulary string (~7 s and ~450 MB for a 150k-token
+vocab), while we only need scalar metadata and tensor locations.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import re
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import transformers
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import dequantize
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+
+# llama.cpp's converter permutes q/k rows only for llama-family models (its
+# rope pairs adjacent dims there); qwen2/qwen3 keep the HF rotate_half layout.
+_PERMUTED_ARCHS = ("llama",)
+
+_GLOBAL_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+# Tensors that hold no HF parameter (llama3 rope scaling factors live in the config).
+_SKIPPED = {"rope_freqs.weight"}
+_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+
+
+@dataclass
+class _Tensor:
+    name: str
+    shape: tuple[int, ...]  # HF order (GGUF stores dims fastest-first)
+    qtype: GGMLQuantizationType
+    offset: int  # absolute, in the file
+    nbytes: int
+
+
+@dataclass
+class _GGUF:
+    path: str
+    arch: str
+    metadata: dict  # scalar key/values only; arrays (vocab, merges) are skipped
+    tensors: list[_Tensor]
+
+
+# GGUF value type id -> struct format of a scalar (8 = string, 9 = array).
+_SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def _scan(buf, size: int) -> tuple[dict, list[_Tensor]]:
+    pos = 0
+
+    def take(fmt: str):
+        nonlocal pos
+        vals = struct.unpack_from("<" + fmt, buf, pos)
+        pos += struct.calcsize("<" + fmt)
+        return vals[0] if len(vals) == 1 else vals
+
+    def string() -> str:
+        nonlocal pos
+        n = take("Q")
+        if pos + n > size:
+            raise ValueError("string runs past the end of the file")
+        pos += n
+        return bytes(buf[pos - n : pos]).decode("utf-8")
+
+    def skip_array():
+        nonlocal pos
+        elem, count = take("I"), take("Q")
+        if elem == 8:
+            for _ in range(count):
+                n = take("Q")  # not `pos += take(...)`: that would read pos before take() moves it
+                pos += n
+                if pos > size:
+                    raise ValueError("array runs past the end of the file")
+        elif elem == 9:
+            for _ in range(count):
+                skip_array()
+        else:
+            pos += struct.calcsize(_SCALAR[elem]) * count
+
+    magic, version, n_tensors, n_kv = take("4sIQQ")
+    if magic != b"GGUF":
+        raise ValueError(f"bad magic {magic!r}")
+    if version not in (2, 3):
+        raise ValueError(f"unsupported GGUF version {version}")
+    meta = {}
+    for _ in range(n_kv):
+        key, vtype = string(), take("I")
+        if vtype == 8:
+            meta[key] = string()
+        elif vtype == 9:
+            skip_array()
+        else:
+            meta[key] = take(_SCALAR[vtype])
+    infos = []
+    for _ in range(n_tensors):
+        name, n_dims = string(), take("I")
+        dims = [take("Q") for _ in range(n_dims)]
+        infos.append((name, tuple(reversed(dims)), GGMLQuantizationType(take("I")), take("Q")))
+    align = int(meta.get("general.alignment", 32))
+    data_start = -(-pos // align) * align
+    tensors = []
+    for name, shape, qtype, offset in infos:
+        block, type_size = GGML_QUANT_SIZES[qtype]
+        nbytes = int(np.prod(shape, dtype=np.int64)) // block * type_size
+        if data_start + offset + nbytes > size:
+            raise ValueError(f"tensor {name} runs past the end of the file (truncated?)")
+        tensors.append(_Tensor(name, shape, qtype, data_start + offset, nbytes))
+    return meta, tensors
+
+
+def _open(path: str) -> _GGUF:
+    """Parse and validate a GGUF header; clear errors for missing/corrupt/unsupported files."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                raise ValueError("empty file")
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                meta, tensors = _scan(buf, size)
+        arch = meta["general.architecture"]
+    except Exception as e:  # bad bytes surface as struct/Unicode/Key/Value errors
+        raise ValueError(
+            f"{path} is corrupt, truncated or not a GGUF file ({type(e).__name__}: {e}). "
+            "Delete it so it is fetched or converted again."
+        ) from e
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(
+            f"{path}: GGUF architecture {arch!r} is not supported; "
+            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    return _GGUF(path, arch, meta, tensors)
+
+
+def _split(path: str) -> tuple[str, str]:
+    path = os.path.abspath(os.fspath(path))
+    return os.path.dirname(path), os.path.basename(path)
+
+
+def _sidecar(path: str) -> tuple[str, dict]:
+    """transformers needs ~10 s to build a config and ~16 s to build a tokenizer from a GGUF
+    file's metadata, so both are saved once in HF format beside the file, stamped with the file's
+    size and mtime, and read from there afterwards."""
+    directory, name = _split(path)
+    st = os.stat(path)
+    return os.path.join(directory, f".{name}.hf"), {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _sidecar_valid(folder: str, stamp: dict, kind: str) -> bool:
+    try:
+        with open(os.path.join(folder, f"{kind}.stamp.json")) as f:
+            return json.load(f) == stamp
+    except (OSError, ValueError):
+        return False
+
+
+def _save_sidecar(obj, folder: str, stamp: dict, kind: str) -> None:
+    try:
+        obj.save_pretrained(folder)
+        with open(os.path.join(folder, f"{kind}.stamp.json"), "w") as f:
+            json.dump(stamp, f)
+    except OSError:
+        pass  # a read-only folder only costs start-up time
+
+
+def load_gguf_config(path: str) -> transformers.PretrainedConfig:
+    g = _open(path)
+    folder, stamp = _sidecar(path)
+    if _sidecar_valid(folder, stamp, "config"):
+        return transformers.AutoConfig.from_pretrained(folder)
+    directory, name = _split(path)
+    config = transformers.AutoConfig.from_pretrained(directory, gguf_file=name)
+    # transformers maps attention.key_length to head_dim only for some archs, and
+    # Qwen3 checkpoints have head_dim != hidden_size / num_heads.
+    key_length = g.metadata.get(f"{g.arch}.attention.key_length")
+    if key_length is not None:
+        config.head_dim = int(key_length)
+    _save_sidecar(config, folder, stamp, "config")
+    return config
+
+
+def load_gguf_tokenizer(path: str):
+    g = _open(path)
+    folder, stamp = _sidecar(path)
+    if _sidecar_valid(folder, stamp, "tokenizer"):
+        return transformers.AutoTokenizer.from_pretrained(folder)
+    directory, name = _split(path)
+    tok = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    # transformers keeps the tokenizer class's default EOS (Qwen2: <|endoftext|>)
+    # instead of the file's (Qwen instruct: <|im_end|>), so chats would never stop.
+    eos_id = g.metadata.get("tokenizer.ggml.eos_token_id")
+    if eos_id is not None and tok.eos_token_id != eos_id:
+        tok.eos_token = tok.convert_ids_to_tokens(int(eos_id))
+    _save_sidecar(tok, folder, stamp, "tokenizer")
+    return tok
+
+
+def _hf_name(gguf_name: str) -> str | None:
+    if gguf_name in _SKIPPED:
+        return None
+    base, _, suffix = gguf_name.rpartition(".")
+    if base in _GLOBAL_NAMES:
+        return f"{_GLOBAL_NAMES[base]}.{suffix}"
+    m = _LAYER_RE.fullmatch(gguf_name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+    raise ValueError(f"unexpected GGUF tensor {gguf_name!r}")
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    # Inverse of llama.cpp's LlamaModel.permute, which interleaved the two halves
+    # of each head's rows (HF rotate_half layout) into adjacent pairs.
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def iterate_gguf_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF parameter name, float32 tensor in HF shape) for every weight.
+
+    The file and its tensor names are checked here, before the first tensor
+    is asked for, so a bad file fails before any weight is loaded.
+    """
+    g = _open(path)
+    try:
+        names = [_hf_name(t.name) for t in g.tensors]
+    except ValueError as e:
+        raise ValueError(f"{g.path}: {e}; expected a plain {g.arch} checkpoint") from e
+    return _iterate(g, names)
+
+
+def _iterate(g: _GGUF, names: list[str | None]) -> Iterator[tuple[str, torch.Tensor]]:
+    n_head = int(g.metadata[f"{g.arch}.attention.head_count"])
+    n_kv_head = int(g.metadata.get(f"{g.arch}.attention.head_count_kv", n_head))
+    with open(g.path, "rb") as f:
+        for t, name in zip(g.tensors, names):
+            if name is None:
+                continue
+            w = _read_dequantized(f.fileno(), t)
+            if g.arch in _PERMUTED_ARCHS:
+                if ".q_proj." in name:
+                    w = _unpermute(w, n_head)
+                elif ".k_proj." in name:
+                    w = _unpermute(w, n_kv_head)
+            yield name, torch.from_numpy(w)
+            del w  # don't pin the last tensor while the next one is built
+
+
+_CHUNK_BYTES = 16 << 20
+
+
+def _read_dequantized(fd: int, t: _Tensor) -> np.ndarray:
+    # Read and dequantize a few rows at a time into the output: dequantize() makes
+    # several temporaries the size of its input in float32, and a file read (not a
+    # memmap) keeps the file's pages out of this process's resident memory.
+    out = np.empty(t.shape, np.float32)
+    rows = out.reshape(-1, t.shape[-1])
+    row_bytes = t.nbytes // len(rows)
+    step = max(1, _CHUNK_BYTES // row_bytes)
+    for i in range(0, len(rows), step):
+        n = min(step, len(rows) - i)
+        raw = os.pread(fd, n * row_bytes, t.offset + i * row_bytes)
+        rows[i : i + n] = dequantize(np.frombuffer(raw, np.uint8).reshape(n, row_bytes), t.qtype)
+    return out
