@@ -82,16 +82,17 @@ class LLMEngine:
     # ---- requests ----------------------------------------------------------------------
 
     def add_request(self, request_id: str | None, prompt: PromptType, params: SamplingParams | None = None,
-                    arrival_time: float | None = None) -> str:
+                    arrival_time: float | None = None, stream: bool = True) -> str:
         """Queue a request. Bad input raises ValueError here, before the request touches any
-        engine state, so the requests already queued carry on."""
+        engine state, so the requests already queued carry on. With stream=False, step() returns
+        the request's output only once it has finished."""
         if request_id is None:
             request_id = str(next(self._request_counter))
         if request_id in self.output_processor.states:
             raise ValueError(f"request id {request_id!r} is already in use")
         request = self.processor.process(request_id, prompt, params or SamplingParams(), arrival_time)
         self.scheduler.add_request(request)
-        self.output_processor.add_request(request)
+        self.output_processor.add_request(request, stream)
         return request_id
 
     def abort_request(self, request_ids: str | list[str]) -> None:
@@ -138,7 +139,7 @@ class LLMEngine:
         ids = []
         try:
             for prompt, p in zip(prompts, params_list):
-                ids.append(self.add_request(None, prompt, p))
+                ids.append(self.add_request(None, prompt, p, stream=False))
         except ValueError:
             self.abort_request(ids)
             raise

@@ -17,7 +17,11 @@ class RequestState:
     request: Request
     detokenizer: IncrementalDetokenizer
     metrics: RequestMetrics
+    # Streaming requests get an output every step; others only their final one, and are
+    # detokenized only when they finish unless a stop string must be watched for each step.
+    stream: bool = True
     output_token_ids: list[int] = field(default_factory=list)
+    num_detokenized: int = 0
     logprobs: list[dict[int, float]] | None = None
     cumulative_logprob: float | None = None
 
@@ -27,11 +31,11 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.states: dict[str, RequestState] = {}
 
-    def add_request(self, request: Request) -> None:
+    def add_request(self, request: Request, stream: bool = True) -> None:
         params = request.sampling_params
         self.states[request.request_id] = RequestState(
             request, IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params),
-            RequestMetrics(arrival_time=request.arrival_time),
+            RequestMetrics(arrival_time=request.arrival_time), stream,
             logprobs=[] if params.logprobs is not None else None,
             cumulative_logprob=0.0 if params.logprobs is not None else None)
 
@@ -60,7 +64,11 @@ class OutputProcessor:
                     state.logprobs.append(lp)
                     state.cumulative_logprob += lp.get(tok, 0.0)
             finish_reason, stop_reason = co.finish_reason, co.stop_reason
-            stop_str = state.detokenizer.update(co.new_token_ids)
+            finished = finish_reason is not None
+            if not (state.stream or finished or state.request.sampling_params.stop):
+                continue
+            stop_str = state.detokenizer.update(state.output_token_ids[state.num_detokenized:])
+            state.num_detokenized = len(state.output_token_ids)
             if stop_str is None and finish_reason is not None:
                 stop_str = state.detokenizer.finish()  # release text held back for a partial character
             if stop_str is not None:
@@ -68,6 +76,8 @@ class OutputProcessor:
                     stopped_by_string.append(co.req_id)
                 finish_reason, stop_reason = "stop", stop_str
             finished = finish_reason is not None
+            if not (state.stream or finished):
+                continue
             if finished:
                 metrics.finished_time = now
                 del self.states[co.req_id]

@@ -38,7 +38,7 @@ class LLM:
         ids = []
         try:
             for prompt, p in zip(prompts, params):
-                ids.append(engine.add_request(None, prompt, p))
+                ids.append(engine.add_request(None, prompt, p, stream=False))
         except ValueError:
             engine.abort_request(ids)
             raise
