@@ -27,6 +27,8 @@ class Worker:
         self.dtype = config.model_config.resolve_dtype(self.device, config_dtype(hf_config))
         self.startup_times: dict[str, float] = {}
         if self.device.type == "cuda":
+            if self.device.index is None:  # "cuda" means the current device; graphs need a concrete one
+                self.device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(self.device)
         torch.manual_seed(config.model_config.seed)
 
