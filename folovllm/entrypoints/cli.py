@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(chat)
     add_engine_args(chat)
     chat.set_defaults(func=cmd_chat, temperature=0.7, top_p=0.8, max_tokens=512)
+
+    from folovllm.bench.cli import register as register_bench
+    register_bench(sub)
     return parser
 
 

@@ -237,15 +237,15 @@ class ModelRunner:
         self.positions.zero_()
         for size in sizes:
             md = self._metadata(size, size, size, 1, 1)
-            self.model(self.input_ids[:size], self.positions[:size], md)  # compile and warm up
+            out = self.model(self.input_ids[:size], self.positions[:size], md)  # compile and warm up
+            if self.graph_hidden is None:
+                # Every graph writes its hidden states here, so a replay's result has a fixed home.
+                self.graph_hidden = torch.empty((max(sizes), out.shape[-1]), dtype=out.dtype, device=self.device)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 out = self.model(self.input_ids[:size], self.positions[:size], md)
-            if self.graph_hidden is None:
-                self.graph_hidden = out  # the largest size is captured first; the rest share its memory
-            elif out.data_ptr() != self.graph_hidden.data_ptr():
-                raise RuntimeError("CUDA graph outputs do not share one buffer; capture sizes in descending order")
+                self.graph_hidden[:size].copy_(out)
             self.graphs[size] = graph
         torch.cuda.synchronize()
         return time.perf_counter() - t0

@@ -2,10 +2,14 @@
 
 Decode rows (one query each) are batched into one attention call over their gathered context;
 every other request (a prompt, or a chunk of one) is attended on its own with a causal mask by
-position, so a request's query i at position p sees keys 0..p.
+position, so a request's query i at position p sees keys 0..p. What depends only on the step
+(which rows write where, which blocks each request reads, the masks) is worked out once per step
+in a `_Plan` and shared by all layers.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -15,56 +19,103 @@ from folovllm.attention.backends.abstract import AttentionImpl, AttentionMetadat
 
 def write_to_paged_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                          slot_mapping: torch.Tensor) -> None:
+    """Rows whose slot is -1 are skipped."""
+    rows = torch.nonzero(slot_mapping >= 0).squeeze(1)
+    _write(key, value, kv_cache, rows, slot_mapping[rows])
+
+
+def _write(key, value, kv_cache, rows: torch.Tensor | None, slots: torch.Tensor) -> None:
     num_kv_heads, head_dim = key.shape[1], key.shape[2]
-    valid = slot_mapping >= 0
-    slots = slot_mapping[valid]
-    kv_cache[0].view(-1, num_kv_heads, head_dim)[slots] = key[:slot_mapping.shape[0]][valid]
-    kv_cache[1].view(-1, num_kv_heads, head_dim)[slots] = value[:slot_mapping.shape[0]][valid]
+    if rows is not None:
+        key, value = key[rows], value[rows]
+    kv_cache[0].view(-1, num_kv_heads, head_dim)[slots] = key
+    kv_cache[1].view(-1, num_kv_heads, head_dim)[slots] = value
 
 
-def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """[num_reqs, max_blocks] block ids -> [num_reqs, KVH, num_tokens, D] (the first num_tokens
-    slots of each request's blocks)."""
-    block_size = cache.shape[1]
-    num_blocks = -(-num_tokens // block_size)
-    blocks = cache[block_table[:, :num_blocks].long()]          # [R, nb, bs, KVH, D]
-    kv = blocks.flatten(1, 2)[:, :num_tokens]                   # [R, S, KVH, D]
+def gather_kv(cache: torch.Tensor, block_ids: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """[R, nb] block ids -> [R, KVH, num_tokens, D]: the first num_tokens slots of each row's blocks."""
+    kv = cache[block_ids].flatten(1, 2)[:, :num_tokens]      # [R, S, KVH, D]
     return kv.transpose(1, 2)
+
+
+@dataclass
+class _Prefill:
+    start: int
+    q_len: int
+    seq_len: int
+    block_ids: torch.Tensor     # [1, nb]
+    mask: torch.Tensor          # [q_len, seq_len] bool, causal by position
+
+
+@dataclass
+class _Plan:
+    write_rows: torch.Tensor | None   # None: every row writes
+    write_slots: torch.Tensor
+    decode_rows: torch.Tensor | None
+    decode_block_ids: torch.Tensor | None
+    decode_len: int
+    decode_mask: torch.Tensor | None  # [R, 1, 1, S]
+    prefills: list[_Prefill]
+
+
+def _plan(md: AttentionMetadata, block_size: int) -> _Plan:
+    cached = md.__dict__.get("_torch_plan")
+    if cached is not None:
+        return cached
+    n = md.num_actual_tokens
+    slots = md.slot_mapping[:n]
+    dev = slots.device
+    rows = None
+    if bool((slots < 0).any()):
+        rows = torch.nonzero(slots >= 0).squeeze(1)
+        slots = slots[rows]
+    qsl = md.query_start_loc_cpu.tolist()
+    seq_lens = md.seq_lens_cpu.tolist()
+    decodes = [i for i in range(md.num_reqs) if qsl[i + 1] - qsl[i] == 1]
+    decode_rows = decode_block_ids = decode_mask = None
+    decode_len = 0
+    if decodes:
+        idx = torch.tensor(decodes, device=dev)
+        decode_rows = md.query_start_loc[idx].long()
+        decode_len = max(seq_lens[i] for i in decodes)
+        decode_block_ids = md.block_table[idx, :-(-decode_len // block_size)].long()
+        decode_mask = (torch.arange(decode_len, device=dev)[None, :]
+                       < md.seq_lens[idx][:, None]).view(len(decodes), 1, 1, decode_len)
+    prefills = []
+    for i in range(md.num_reqs):
+        q_len, seq_len = qsl[i + 1] - qsl[i], seq_lens[i]
+        if q_len == 1:
+            continue
+        q_pos = torch.arange(seq_len - q_len, seq_len, device=dev)
+        prefills.append(_Prefill(qsl[i], q_len, seq_len,
+                                 md.block_table[i:i + 1, :-(-seq_len // block_size)].long(),
+                                 torch.arange(seq_len, device=dev)[None, :] <= q_pos[:, None]))
+    plan = _Plan(rows, slots, decode_rows, decode_block_ids, decode_len, decode_mask, prefills)
+    md.__dict__["_torch_plan"] = plan
+    return plan
 
 
 class TorchAttentionImpl(AttentionImpl):
     def forward(self, query, key, value, kv_cache, attn_metadata: AttentionMetadata):
         md = attn_metadata
+        plan = _plan(md, kv_cache.shape[2])
         n = md.num_actual_tokens
-        write_to_paged_cache(key[:n], value[:n], kv_cache, md.slot_mapping[:n])
+        _write(key[:n], value[:n], kv_cache, plan.write_rows, plan.write_slots)
         out = torch.zeros_like(query)
-        qsl = md.query_start_loc_cpu.tolist()
-        seq_lens = md.seq_lens_cpu.tolist()
-        query_lens = [qsl[i + 1] - qsl[i] for i in range(md.num_reqs)]
         gqa = self.num_heads != self.num_kv_heads
 
-        decodes = [i for i, q in enumerate(query_lens) if q == 1]
-        if decodes:
-            idx = torch.tensor(decodes, device=query.device)
-            rows = md.query_start_loc[idx].long()
-            max_len = max(seq_lens[i] for i in decodes)
-            k = gather_kv(kv_cache[0], md.block_table[idx], max_len)
-            v = gather_kv(kv_cache[1], md.block_table[idx], max_len)
-            mask = (torch.arange(max_len, device=query.device)[None, :]
-                    < md.seq_lens[idx][:, None]).view(len(decodes), 1, 1, max_len)
-            q = query[rows].unsqueeze(2)                         # [R, H, 1, D]
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=gqa)
-            out[rows] = o.squeeze(2)
+        if plan.decode_rows is not None:
+            k = gather_kv(kv_cache[0], plan.decode_block_ids, plan.decode_len)
+            v = gather_kv(kv_cache[1], plan.decode_block_ids, plan.decode_len)
+            q = query[plan.decode_rows].unsqueeze(2)                 # [R, H, 1, D]
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.decode_mask, scale=self.scale,
+                                               enable_gqa=gqa)
+            out[plan.decode_rows] = o.squeeze(2)
 
-        for i, q_len in enumerate(query_lens):
-            if q_len == 1:
-                continue
-            seq_len, start = seq_lens[i], qsl[i]
-            k = gather_kv(kv_cache[0], md.block_table[i:i + 1], seq_len)
-            v = gather_kv(kv_cache[1], md.block_table[i:i + 1], seq_len)
-            q = query[start:start + q_len].transpose(0, 1).unsqueeze(0)   # [1, H, L, D]
-            q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)
-            mask = torch.arange(seq_len, device=query.device)[None, :] <= q_pos[:, None]
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=gqa)
-            out[start:start + q_len] = o[0].transpose(0, 1)
+        for p in plan.prefills:
+            k = gather_kv(kv_cache[0], p.block_ids, p.seq_len)
+            v = gather_kv(kv_cache[1], p.block_ids, p.seq_len)
+            q = query[p.start:p.start + p.q_len].transpose(0, 1).unsqueeze(0)   # [1, H, L, D]
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=p.mask, scale=self.scale, enable_gqa=gqa)
+            out[p.start:p.start + p.q_len] = o[0].transpose(0, 1)
         return out

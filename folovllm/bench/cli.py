@@ -1,0 +1,154 @@
+"""`folovllm bench throughput|latency|table`: the BENCHMARKS.md workloads from the command line.
+
+Engine flags are those of `folovllm generate`; the model defaults to the bench Qwen3-0.6B config
+with dummy weights. `--seed` seeds both the workload and the dummy weights, as in vLLM's bench.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from folovllm.bench.workloads import parse_range
+from folovllm.entrypoints.cli import add_engine_args, engine_args_from
+
+BENCH_MODEL = "benchmarks/configs/qwen3-0.6b"
+
+
+def default_bench_model() -> str:
+    """The bench config relative to the working directory (the repo root), else to the checkout
+    this package lives in."""
+    if Path(BENCH_MODEL).exists():
+        return BENCH_MODEL
+    return str(Path(__file__).resolve().parents[2] / BENCH_MODEL)
+
+
+def _batch_sizes(text: str) -> list[int]:
+    sizes = [int(s) for s in text.split(",") if s]
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes are positive ints like 1,8,32, got {text!r}")
+    return sizes
+
+
+def _write(result: dict, path: str | None) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=2))
+
+
+def cmd_throughput(ns: argparse.Namespace) -> int:
+    from folovllm.bench import throughput
+
+    result = throughput.run(ns, engine_args_from(ns))
+    print(throughput.report(result))
+    _write(result, ns.output_json)
+    return 0
+
+
+def cmd_latency(ns: argparse.Namespace) -> int:
+    from folovllm.bench import latency
+
+    result = latency.run(ns, engine_args_from(ns))
+    print(latency.report(result))
+    _write(result, ns.output_json)
+    return 0
+
+
+def summary_table(results: list[dict]) -> str:
+    """The ceilings, one line per throughput run and per latency batch size, and the ratio of the
+    two throughput backends."""
+    lines = [f"ceilings on {r['ceilings']['device']} ({r['ceilings']['label']}): "
+             f"{r['ceilings']['bandwidth'] / 1e12:.3f} TB/s copy, {r['ceilings']['flops'] / 1e12:.1f} TFLOP/s "
+             f"{r['ceilings']['dtype']} matmul; floor of the full throughput workload "
+             f"{r['throughput_floor']['floor_s']:.2f} s" for r in results if r.get("kind") == "ceilings"]
+    lines += [f"{'run':<24} {'device':<26} {'wall s':>8} {'out tok/s':>10} {'tot tok/s':>10} {'floor s':>8} "
+             f"{'floor %':>8}  notes"]
+    for r in results:
+        if r.get("kind") == "throughput":
+            lines.append(f"{'throughput ' + r['backend']:<24} {r['device'][:26]:<26} {r['wall_s']:>8.2f} "
+                         f"{r['output_tokens_per_s']:>10,.0f} {r['total_tokens_per_s']:>10,.0f} {r['floor_s']:>8.2f} "
+                         f"{r['floor_fraction']:>8.1%}  {'; '.join(r['notes'])}")
+    tput = {r["backend"]: r for r in results if r.get("kind") == "throughput"}
+    if {"folovllm", "hf"} <= tput.keys():
+        ratio = tput["folovllm"]["output_tokens_per_s"] / tput["hf"]["output_tokens_per_s"]
+        same = tput["folovllm"]["num_requests"] == tput["hf"]["num_requests"]
+        lines.append(f"folovllm / hf output tokens/s: {ratio:.2f}x"
+                     + ("" if same else " (NOT the same requests: see notes)"))
+    lines.append(f"{'run':<24} {'device':<26} {'batch':>8} {'TTFT ms':>10} {'TPOT ms':>10}")
+    for r in results:
+        if r.get("kind") == "latency":
+            for row in r["results"]:
+                tpot = f"{row['tpot_ms']:.2f}" if row["tpot_ms"] is not None else "-"
+                lines.append(f"{'latency ' + r['backend']:<24} {r['device'][:26]:<26} {row['batch_size']:>8} "
+                             f"{row['ttft_ms']:>10.2f} {tpot:>10}")
+    lines += [f"{r['name']:<24} FAILED: {r['reason']}" for r in results if r.get("kind") == "failed"]
+    return "\n".join(lines)
+
+
+def cmd_table(ns: argparse.Namespace) -> int:
+    results = []
+    for path in ns.files:
+        try:
+            results.append(json.loads(Path(path).read_text()))
+        except (OSError, ValueError):
+            results.append(dict(kind="failed", name=Path(path).stem, reason="no result (see the log)"))
+    print(summary_table(results))
+    return 0
+
+
+def register(subparsers) -> None:
+    bench = subparsers.add_parser("bench", help="the BENCHMARKS.md workloads: throughput, latency")
+    sub = bench.add_subparsers(dest="bench_command", required=True)
+
+    tp = sub.add_parser("throughput", help="all requests at once: tokens/s, wall time, floor fraction")
+    tp.add_argument("--backend", choices=("folovllm", "hf"), default="folovllm",
+                    help="hf: transformers' continuous batching on the same workload, in this process")
+    tp.add_argument("--num-prompts", type=int, default=256)
+    tp.add_argument("--input-len-range", type=parse_range, default=(100, 1024), help="LO,HI (inclusive)")
+    tp.add_argument("--output-len-range", type=parse_range, default=(100, 1024), help="LO,HI (inclusive)")
+    tp.add_argument("--temperature", type=float, default=0.6)
+    tp.add_argument("--hf-attn-impl", default="paged|sdpa", help="attn_implementation of the hf backend")
+    tp.add_argument("--hf-cuda-graph", action=argparse.BooleanOptionalAction, default=True,
+                    help="CUDA graphs in the hf backend's continuous batching (on CUDA only)")
+    tp.add_argument("--hf-max-memory-percent", type=float, default=0.6,
+                    help="share of free GPU memory the hf backend's KV cache may take (see hf_peer.py)")
+    tp.add_argument("--output-json", default=None)
+    add_engine_args(tp, default_model=default_bench_model())
+    tp.set_defaults(func=cmd_throughput, load_format="dummy")
+
+    lat = sub.add_parser("latency", help="TTFT and TPOT per batch size")
+    lat.add_argument("--backend", choices=("folovllm", "hf"), default="folovllm",
+                     help="hf: eager transformers generate")
+    lat.add_argument("--batch-sizes", type=_batch_sizes, default=[1, 8, 32, 128])
+    lat.add_argument("--input-len", type=int, default=128)
+    lat.add_argument("--output-len", type=int, default=256)
+    lat.add_argument("--num-iters", type=int, default=5)
+    lat.add_argument("--num-iters-warmup", type=int, default=1)
+    lat.add_argument("--output-json", default=None)
+    add_engine_args(lat, default_model=default_bench_model())
+    lat.set_defaults(func=cmd_latency, load_format="dummy")
+
+    table = sub.add_parser("table", help="print one table from the JSON results of bench runs")
+    table.add_argument("files", nargs="+")
+    table.set_defaults(func=cmd_table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (`python -m folovllm.bench.cli bench ...`), the same as `folovllm bench ...`."""
+    parser = argparse.ArgumentParser(prog="folovllm")
+    parser.add_argument("--log-level", default="WARNING")
+    register(parser.add_subparsers(dest="command", required=True))
+    ns = parser.parse_args(argv)
+    logging.basicConfig(level=ns.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return ns.func(ns)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
