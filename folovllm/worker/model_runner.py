@@ -217,7 +217,8 @@ class ModelRunner:
         """A forward pass as large as any step can be, before the KV cache exists, so the memory
         profile sees peak activations."""
         input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
-        positions = torch.arange(num_tokens, device=self.device)
+        # Positions stay inside the rotary table even when the token budget exceeds max_model_len.
+        positions = torch.arange(num_tokens, device=self.device) % self.input_batch.max_model_len
         hidden = self.model(input_ids, positions, None)
         self.model.compute_logits(hidden[:num_sampled])
 
