@@ -61,6 +61,14 @@ class KVCacheManager:
         blocks, or None (changing nothing) when the pool cannot supply them."""
         if num_new_tokens <= 0:
             raise ValueError(f"num_new_tokens must be > 0, got {num_new_tokens}")
+        req_blocks = self.req_to_blocks.get(request.request_id)
+        if req_blocks and not new_computed_blocks:
+            # The common decode step: the tokens still fit the blocks the request holds.
+            total = request.num_computed_tokens + num_new_tokens
+            if total <= len(req_blocks) * self.block_size:
+                if self.enable_caching and total // self.block_size > request.num_computed_tokens // self.block_size:
+                    self._cache_full_blocks(request, req_blocks, total)
+                return []
         new_computed_blocks = new_computed_blocks or []
         req_blocks = self.req_to_blocks.setdefault(request.request_id, [])
         num_computed = request.num_computed_tokens + len(new_computed_blocks) * self.block_size

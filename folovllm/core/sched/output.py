@@ -20,7 +20,8 @@ class NewRequestData:
 
 @dataclass
 class CachedRequestData:
-    """A request the runner already holds: only what changed. A request resumed after preemption
+    """A request the runner already holds that got new blocks (a running request that did not is
+    absent: the runner advances num_computed_tokens itself). A request resumed after preemption
     gets its whole (new) block list and restarts from num_computed_tokens."""
     req_id: str
     resumed_from_preemption: bool

@@ -109,9 +109,10 @@ class Scheduler:
                     break
             if new_blocks is None:  # it preempted itself
                 break
-            cached_reqs.append(CachedRequestData(request.request_id, False,
-                                                 [b.block_id for b in new_blocks],
-                                                 request.num_computed_tokens))
+            if new_blocks:  # the runner tracks progress itself; it only needs news of new blocks
+                cached_reqs.append(CachedRequestData(request.request_id, False,
+                                                     [b.block_id for b in new_blocks],
+                                                     request.num_computed_tokens))
             num_scheduled_tokens[request.request_id] = num_new
             token_budget -= num_new
             req_index += 1
