@@ -52,7 +52,12 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_sin_cache", cache, persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """positions [T]; q [T, H*D], k [T, KVH*D] -> rotated q, k (same shapes)."""
+        """positions [T]; q [T, H*D], k [T, KVH*D] -> rotated q, k (same shapes). On CUDA one
+        fused Triton kernel rotates both, into new tensors as here (LlamaAttention calls the
+        in-place fused_ops.qk_norm_rope itself)."""
+        if q.is_cuda:
+            from folovllm.model_executor.layers import fused_ops
+            return fused_ops.qk_norm_rope(q, k, positions, self.cos_sin_cache, inplace=False)
         cos, sin = self.cos_sin_cache[positions].chunk(2, dim=-1)
         return _rotate(q, cos, sin, self.head_dim), _rotate(k, cos, sin, self.head_dim)
 
