@@ -101,8 +101,9 @@ class TorchAttentionImpl(AttentionImpl):
         plan = _plan(md, kv_cache.shape[2])
         n = md.num_actual_tokens
         _write(key[:n], value[:n], kv_cache, plan.write_rows, plan.write_slots)
-        out = torch.zeros_like(query)
         gqa = self.num_heads != self.num_kv_heads
+        out = query.new_zeros(query.shape) if plan.prefills or plan.decode_rows is None \
+            or len(plan.decode_rows) != query.shape[0] else None
 
         if plan.decode_rows is not None:
             k = gather_kv(kv_cache[0], plan.decode_block_ids, plan.decode_len)
@@ -110,6 +111,8 @@ class TorchAttentionImpl(AttentionImpl):
             q = query[plan.decode_rows].unsqueeze(2)                 # [R, H, 1, D]
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.decode_mask, scale=self.scale,
                                                enable_gqa=gqa)
+            if not plan.prefills and len(plan.decode_rows) == query.shape[0]:
+                return o.squeeze(2)  # every row is a decode, in order: no scatter needed
             out[plan.decode_rows] = o.squeeze(2)
 
         for p in plan.prefills:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from folovllm.attention.backends.abstract import AttentionImpl, AttentionMetadata
@@ -67,7 +68,10 @@ class LlamaMLP(nn.Module):
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        if x.is_cuda:
+            return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        gate, up = self.gate_up_proj.forward_parts(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
