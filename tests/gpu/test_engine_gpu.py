@@ -39,7 +39,9 @@ def hf_model(model_dir):
 
 def generate(model_dir, prompts, **kwargs):
     kwargs.setdefault("dtype", "bfloat16")
-    llm = LLM(model_dir, device="cuda", max_model_len=1024, **kwargs)
+    # A fixed cache: each engine would otherwise size its KV cache to 90% of the GPU, and the
+    # engines of earlier tests in this process still hold theirs.
+    llm = LLM(model_dir, device="cuda", max_model_len=1024, num_gpu_blocks_override=512, **kwargs)
     params = SamplingParams(temperature=0.0, max_tokens=N_NEW, ignore_eos=True)
     return llm, [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts],
                                                               params, use_tqdm=False)]
@@ -60,7 +62,8 @@ def test_triton_with_cuda_graphs_agrees_with_transformers(model_dir, prompts, hf
 
 
 def test_first_step_logits_match_transformers(model_dir, prompts, hf_model):
-    llm = LLM(model_dir, dtype="bfloat16", device="cuda", max_model_len=1024, attention_backend="triton")
+    llm = LLM(model_dir, dtype="bfloat16", device="cuda", max_model_len=1024, attention_backend="triton",
+              num_gpu_blocks_override=512)
     engine = llm.llm_engine
     prompt = prompts[3]
     engine.add_request("r", {"prompt_token_ids": prompt}, SamplingParams(max_tokens=1))
