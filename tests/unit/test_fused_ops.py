@@ -18,10 +18,15 @@ from __future__ import annotations
 import os
 import sys
 
+import torch  # noqa: E402  (importing torch does not import triton)
+
 _ON_CUDA = os.environ.get("FOLOVLLM_FUSED_OPS_CUDA") == "1"
-_TRITON_ALREADY_COMPILED = (not _ON_CUDA and "triton" in sys.modules
-                            and os.environ.get("TRITON_INTERPRET") != "1")
-if not _ON_CUDA:
+# Interpreting here would turn every Triton kernel of this process into an interpreted one, the GPU
+# tests' too: where there is a GPU (or triton is already imported compiled), the interpreted cases
+# run in a fresh process instead (test_rerun_in_fresh_process).
+_TRITON_ALREADY_COMPILED = not _ON_CUDA and os.environ.get("TRITON_INTERPRET") != "1" and (
+    "triton" in sys.modules or torch.cuda.is_available())
+if not _ON_CUDA and not _TRITON_ALREADY_COMPILED:
     os.environ["TRITON_INTERPRET"] = "1"
 
 import itertools  # noqa: E402
@@ -29,7 +34,6 @@ import subprocess  # noqa: E402
 import types  # noqa: E402
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 try:
     import triton  # noqa: E402,F401

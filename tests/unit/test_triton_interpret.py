@@ -14,8 +14,15 @@ from __future__ import annotations
 import os
 import sys
 
-_TRITON_ALREADY_COMPILED = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
-os.environ["TRITON_INTERPRET"] = "1"
+import torch  # noqa: E402  (importing torch does not import triton)
+
+# Interpreting here would turn every Triton kernel of this process into an interpreted one, the GPU
+# tests' too: where there is a GPU (or triton is already imported compiled), these cases run in a
+# fresh process instead (test_rerun_in_fresh_process).
+_TRITON_ALREADY_COMPILED = os.environ.get("TRITON_INTERPRET") != "1" and (
+    "triton" in sys.modules or torch.cuda.is_available())
+if not _TRITON_ALREADY_COMPILED:
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import random  # noqa: E402
 import subprocess  # noqa: E402
@@ -146,6 +153,8 @@ def test_backend_impl():
 
 
 @pytest.mark.skipif(not _TRITON_ALREADY_COMPILED, reason="the cases above ran in this process")
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="on a GPU, tests/gpu/test_triton_attention.py runs these cases compiled")
 def test_rerun_in_fresh_process():
     env = dict(os.environ, TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
