@@ -6,7 +6,9 @@ PROMPT ?= Write a Python function that checks whether a string is a palindrome.
 
 install:
 	@# The CPU build of torch first: otherwise pip resolves `torch` to the CUDA wheels (several GB).
-	$(PY) -m pip install -q torch==2.13.0
+	@# triton only to run the GPU kernels' tests under its interpreter on CPU; a GPU machine's torch
+	@# brings its own.
+	$(PY) -m pip install -q torch==2.13.0 triton==3.7.1
 	$(PY) -m pip install -q -e ".[test]"
 
 demo: install
