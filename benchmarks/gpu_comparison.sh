@@ -29,7 +29,6 @@ mkdir -p "$OUT"
 LOG=$OUT/bench.log
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 FOLO="python3 -m folovllm"
-$FOLO bench --help >/dev/null 2>&1 || FOLO="python3 -m folovllm.bench.cli"  # before `bench` is wired in
 
 step() {  # step NAME LIMIT_S COMMAND...
   local name=$1 limit=$2; shift 2

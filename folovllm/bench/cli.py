@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import sys
 from pathlib import Path
 
 from folovllm.bench.workloads import parse_range
@@ -134,21 +132,3 @@ def register(subparsers) -> None:
     table = sub.add_parser("table", help="print one table from the JSON results of bench runs")
     table.add_argument("files", nargs="+")
     table.set_defaults(func=cmd_table)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (`python -m folovllm.bench.cli bench ...`), the same as `folovllm bench ...`."""
-    parser = argparse.ArgumentParser(prog="folovllm")
-    parser.add_argument("--log-level", default="WARNING")
-    register(parser.add_subparsers(dest="command", required=True))
-    ns = parser.parse_args(argv)
-    logging.basicConfig(level=ns.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return ns.func(ns)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

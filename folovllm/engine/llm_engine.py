@@ -95,6 +95,23 @@ class LLMEngine:
         self.output_processor.add_request(request, stream)
         return request_id
 
+    def add_requests(self, prompts: list[PromptType],
+                     params: SamplingParams | list[SamplingParams] | None = None,
+                     stream: bool = False) -> list[str]:
+        """Queue all prompts or none: if one is invalid, the ones already queued are withdrawn
+        and the ValueError propagates."""
+        params_list = list(params) if isinstance(params, (list, tuple)) else [params or SamplingParams()] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(params_list)} sampling params")
+        ids: list[str] = []
+        try:
+            for prompt, p in zip(prompts, params_list):
+                ids.append(self.add_request(None, prompt, p, stream=stream))
+        except ValueError:
+            self.abort_request(ids)
+            raise
+        return ids
+
     def abort_request(self, request_ids: str | list[str]) -> None:
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
         self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
@@ -133,16 +150,7 @@ class LLMEngine:
                        params: SamplingParams | list[SamplingParams] | None = None) -> dict[str, RequestOutput]:
         """All prompts together, continuously batched. Returns {request_id: final output} in
         prompt order."""
-        params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
-        if len(params_list) != len(prompts):
-            raise ValueError(f"got {len(prompts)} prompts but {len(params_list)} sampling params")
-        ids = []
-        try:
-            for prompt, p in zip(prompts, params_list):
-                ids.append(self.add_request(None, prompt, p, stream=False))
-        except ValueError:
-            self.abort_request(ids)
-            raise
+        ids = self.add_requests(prompts, params)
         final: dict[str, RequestOutput] = {}
         pending = set(ids)
         while pending:

@@ -56,8 +56,10 @@ def sampling_params_from(ns: argparse.Namespace) -> SamplingParams:
                           seed=ns.sampling_seed, stop=ns.stop, ignore_eos=ns.ignore_eos)
 
 
-def stream(engine, prompt, params: SamplingParams, out=sys.stdout):
-    """Run one request, writing its text as it grows. Returns the final RequestOutput."""
+def stream(engine, prompt, params: SamplingParams, out=None):
+    """Run one request, writing its text as it grows (to stdout unless `out` is given). Returns
+    the final RequestOutput."""
+    out = out or sys.stdout  # looked up per call: stdout may be replaced after import
     req_id = engine.add_request(None, prompt, params)
     printed = 0
     final = None

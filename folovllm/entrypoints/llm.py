@@ -28,21 +28,8 @@ class LLM:
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
                                                 and isinstance(prompts[0], int)):
             prompts = [prompts]
-        prompts = list(prompts)
-        if sampling_params is None:
-            sampling_params = SamplingParams()
-        params = list(sampling_params) if isinstance(sampling_params, Sequence) else [sampling_params] * len(prompts)
-        if len(params) != len(prompts):
-            raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
-        engine = self.llm_engine
-        ids = []
-        try:
-            for prompt, p in zip(prompts, params):
-                ids.append(engine.add_request(None, prompt, p, stream=False))
-        except ValueError:
-            engine.abort_request(ids)
-            raise
-        return self._run_engine(ids, use_tqdm)
+        params = list(sampling_params) if isinstance(sampling_params, Sequence) else sampling_params
+        return self._run_engine(self.llm_engine.add_requests(list(prompts), params), use_tqdm)
 
     def _run_engine(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine
