@@ -23,6 +23,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--phases", action="store_true", help="only the per-phase split of a step")
     args = ap.parse_args()
     llm = LLM("benchmarks/configs/qwen3-0.6b", load_format="dummy", enforce_eager=args.enforce_eager,
               max_model_len=4096)
@@ -38,6 +39,12 @@ def main() -> None:
             engine.step()
         for _ in range(5):
             engine.step()
+        if args.phases:
+            print(f"\n===== batch {batch}: phases of a decode step")
+            phases(engine, args.steps)
+            engine.abort_request(list(engine.scheduler.requests))
+            engine.step()
+            continue
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(args.steps):
@@ -61,6 +68,47 @@ def main() -> None:
         print(tp.key_averages().table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=60))
         engine.abort_request(list(engine.scheduler.requests))
         engine.step()
+
+
+
+
+def phases(engine, steps: int) -> None:
+    """One step split into its phases: host time of each, and the GPU time of the forward and
+    sampling, measured with CUDA events."""
+    import collections
+    runner = engine.executor.worker.model_runner
+    acc = collections.defaultdict(float)
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        so = engine.scheduler.schedule()
+        t1 = time.perf_counter()
+        start, mid, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+        start.record()
+        hidden, step = runner.forward(so)
+        mid.record()
+        t2 = time.perf_counter()
+        logits = runner.model.compute_logits(hidden)
+        sampled = [[] for _ in so.num_scheduled_tokens]
+        runner._sample(logits, step, sampled)  # ends with the host sync
+        end.record()
+        t3 = time.perf_counter()
+        from folovllm.core.sched.output import ModelRunnerOutput
+        core = engine.scheduler.update_from_output(so, ModelRunnerOutput(list(so.num_scheduled_tokens), sampled))
+        t4 = time.perf_counter()
+        engine.output_processor.process(core)
+        t5 = time.perf_counter()
+        torch.cuda.synchronize()
+        acc["schedule"] += t1 - t0
+        acc["prepare+copy+replay (host)"] += t2 - t1
+        acc["logits+sample+sync (host)"] += t3 - t2
+        acc["update_from_output"] += t4 - t3
+        acc["output processing"] += t5 - t4
+        acc["step wall"] += t5 - t0
+        acc["GPU: forward"] += start.elapsed_time(mid) / 1e3
+        acc["GPU: logits+sample"] += mid.elapsed_time(end) / 1e3
+    for k, v in acc.items():
+        print(f"  {k:32s} {v / steps * 1e3:7.3f} ms")
 
 
 if __name__ == "__main__":
