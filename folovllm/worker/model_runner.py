@@ -7,8 +7,9 @@ lengths), copies it into persistent device buffers, runs the model, and computes
 the last row of each request that samples (a prompt chunk that stops short of the prompt's end
 samples nothing).
 
-On a GPU, pure-decode steps replay CUDA graphs captured for a few batch sizes: the batch is padded
-to the next captured size with rows whose slot is -1 (their K/V is never written).
+On a GPU, steps replay CUDA graphs: pure-decode steps by batch size, prefill and mixed steps of a
+few requests by token count. The batch is padded to the graph's shape with rows whose slot is -1
+(their K/V is never written).
 """
 
 from __future__ import annotations
@@ -28,6 +29,12 @@ from folovllm.sample.sampler import Sampler
 from folovllm.worker.input_batch import InputBatch, StepInputs
 
 logger = logging.getLogger(__name__)
+
+
+# Prefill and mixed steps up to this many tokens and requests replay graphs too: eager, their
+# ~310 kernel launches cost several milliseconds of Python (most of a short prompt's TTFT).
+MIXED_GRAPH_TOKENS = [16, 32, 64, 128, 256, 512, 1024]
+MIXED_GRAPH_MAX_REQS = 16
 
 
 def default_graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -50,7 +57,9 @@ class ModelRunner:
         self.attn_layers = [m for m in model.modules() if isinstance(m, Attention)]
         self.use_cuda_graph = use_cuda_graph and device.type == "cuda" and all(
             getattr(layer.impl, "supports_cuda_graph", False) for layer in self.attn_layers)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        # (pure decode?, padded token count) -> graph
+        self.graphs: dict[tuple[bool, int], torch.cuda.CUDAGraph] = {}
+        self.mixed_graph_reqs = min(MIXED_GRAPH_MAX_REQS, max_num_reqs)
         self.graph_hidden: torch.Tensor | None = None
         self.kv_caches: list[torch.Tensor] = []
 
@@ -107,15 +116,21 @@ class ModelRunner:
 
     # ---- inputs ------------------------------------------------------------------------
 
-    def _graph_size(self, step: StepInputs, num_tokens: int) -> int | None:
-        """The captured batch size a pure-decode step replays, if any."""
-        if not self.graphs or step.max_query_len != 1:
+    def _graph_key(self, step: StepInputs, num_tokens: int) -> tuple[bool, int] | None:
+        """The captured graph a step replays, if any: pure-decode steps by batch size, other
+        steps of few requests by token count."""
+        if not self.graphs:
             return None
-        return next((s for s in sorted(self.graphs) if s >= num_tokens), None)
+        decode = step.max_query_len == 1
+        if not decode and len(step.seq_lens) > self.mixed_graph_reqs:
+            return None
+        return next((k for k in self._graph_keys if k[0] == decode and k[1] >= num_tokens), None)
 
-    def _copy_inputs(self, step: StepInputs, padded: int) -> AttentionMetadata:
-        """Stage the step's inputs in the pinned buffers and copy them to the device. Rows from
-        len(step) to `padded` are padding: slot -1, a one-token context, query length one."""
+    def _copy_inputs(self, step: StepInputs, graph_key: tuple[bool, int] | None) -> AttentionMetadata:
+        """Stage the step's inputs in the pinned buffers and copy them to the device. A step that
+        replays a graph is padded to the graph's shape: extra token rows get slot -1 (nothing is
+        written); a decode graph makes each extra row a request with a one-token context, a mixed
+        graph gives its extra requests no rows at all."""
         t, r = len(step.input_ids), len(step.seq_lens)
         mb = step.block_table.shape[1]
         self._input_ids_np[:t] = step.input_ids
@@ -124,14 +139,20 @@ class ModelRunner:
         self._qsl_np[:r + 1] = step.query_start_loc
         self._seq_lens_np[:r] = step.seq_lens
         self._block_table_np[:r, :mb] = step.block_table
-        num_reqs = r
-        if padded > t:  # only pure-decode steps are padded, so padding rows are requests too
+        padded, num_reqs = t, r
+        if graph_key is not None:
+            decode, padded = graph_key
             self._input_ids_np[t:padded] = 0
             self._positions_np[t:padded] = 0
             self._slots_np[t:padded] = -1
-            self._qsl_np[r + 1:padded + 1] = np.arange(t + 1, padded + 1)
-            self._seq_lens_np[r:padded] = 1
-            num_reqs = padded
+            if decode:
+                num_reqs = padded
+                self._qsl_np[r + 1:num_reqs + 1] = np.arange(t + 1, padded + 1)
+                self._seq_lens_np[r:num_reqs] = 1
+            else:
+                num_reqs = self.mixed_graph_reqs
+                self._qsl_np[r + 1:num_reqs + 1] = t
+                self._seq_lens_np[r:num_reqs] = 0
         if self.device.type != "cpu":
             self.input_ids[:padded].copy_(self._input_ids_cpu[:padded], non_blocking=True)
             self.positions[:padded].copy_(self._positions_cpu[:padded], non_blocking=True)
@@ -158,10 +179,10 @@ class ModelRunner:
         self._update_states(so)
         step = self.input_batch.prepare(list(so.num_scheduled_tokens), list(so.num_scheduled_tokens.values()))
         t = len(step.input_ids)
-        graph_size = self._graph_size(step, t)
-        md = self._copy_inputs(step, graph_size or t)
-        if graph_size is not None:
-            self.graphs[graph_size].replay()
+        graph_key = self._graph_key(step, t)
+        md = self._copy_inputs(step, graph_key)
+        if graph_key is not None:
+            self.graphs[graph_key].replay()
             return self.graph_hidden[:t], step
         return self.model(self.input_ids[:t], self.positions[:t], md), step
 
@@ -224,29 +245,44 @@ class ModelRunner:
 
     @torch.inference_mode()
     def capture_cuda_graphs(self, batch_sizes: list[int]) -> float:
-        """Capture the model's forward for pure-decode batches of each size. Returns seconds spent."""
+        """Capture the model's forward for pure-decode batches of each size, and for prefill or
+        mixed steps of up to MIXED_GRAPH_MAX_REQS requests by padded token count. Returns the
+        seconds spent."""
         if not self.use_cuda_graph:
             return 0.0
         t0 = time.perf_counter()
-        sizes = sorted({s for s in batch_sizes if s <= min(self.max_num_reqs, self.max_num_tokens)}, reverse=True)
+        limit = min(self.max_num_tokens, self.input_batch.max_model_len)
+        keys = [(True, s) for s in batch_sizes if s <= min(self.max_num_reqs, self.max_num_tokens)]
+        keys += [(False, s) for s in MIXED_GRAPH_TOKENS if s <= limit]
+        keys.sort(key=lambda k: k[1], reverse=True)  # largest first: later graphs reuse its memory
         pool = torch.cuda.graph_pool_handle()
-        # Capture rows: one-token contexts in slot -1 (nothing is written to the cache).
-        self.slot_mapping.fill_(-1)
-        self.query_start_loc.copy_(torch.arange(self.max_num_reqs + 1, dtype=torch.int32, device=self.device))
-        self.seq_lens.fill_(1)
         self.input_ids.zero_()
         self.positions.zero_()
-        for size in sizes:
-            md = self._metadata(size, size, size, 1, 1)
+        self.slot_mapping.fill_(-1)  # capture writes nothing to the cache
+        self.block_table.zero_()
+        for decode, size in keys:
+            if decode:  # `size` requests of one query row and a one-token context each
+                num_reqs, max_q = size, 1
+                self.query_start_loc.copy_(torch.arange(self.max_num_reqs + 1, dtype=torch.int32,
+                                                        device=self.device))
+                self.seq_lens.fill_(1)
+            else:  # one request holding all rows; the others empty
+                num_reqs, max_q = self.mixed_graph_reqs, size
+                self.query_start_loc.fill_(size)
+                self.query_start_loc[0] = 0
+                self.seq_lens.zero_()
+                self.seq_lens[0] = size
+            md = self._metadata(num_reqs, size, size, max_q, max_q)
             out = self.model(self.input_ids[:size], self.positions[:size], md)  # compile and warm up
             if self.graph_hidden is None:
                 # Every graph writes its hidden states here, so a replay's result has a fixed home.
-                self.graph_hidden = torch.empty((max(sizes), out.shape[-1]), dtype=out.dtype, device=self.device)
+                self.graph_hidden = torch.empty((size, out.shape[-1]), dtype=out.dtype, device=self.device)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 out = self.model(self.input_ids[:size], self.positions[:size], md)
                 self.graph_hidden[:size].copy_(out)
-            self.graphs[size] = graph
+            self.graphs[(decode, size)] = graph
+        self._graph_keys = sorted(self.graphs, key=lambda k: k[1])
         torch.cuda.synchronize()
         return time.perf_counter() - t0
