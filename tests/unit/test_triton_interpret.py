@@ -14,22 +14,16 @@ from __future__ import annotations
 import os
 import sys
 
-import torch  # noqa: E402  (importing torch does not import triton)
+import torch  # noqa: E402
+from interpret_mode import enter_interpreter  # noqa: E402
 
-# Interpreting here would turn every Triton kernel of this process into an interpreted one, the GPU
-# tests' too: where there is a GPU (or triton is already imported compiled), these cases run in a
-# fresh process instead (test_rerun_in_fresh_process).
-_TRITON_ALREADY_COMPILED = os.environ.get("TRITON_INTERPRET") != "1" and (
-    "triton" in sys.modules or torch.cuda.is_available())
-if not _TRITON_ALREADY_COMPILED:
-    os.environ["TRITON_INTERPRET"] = "1"
+_TRITON_ALREADY_COMPILED = enter_interpreter()
 
 import random  # noqa: E402
 import subprocess  # noqa: E402
 import zlib  # noqa: E402
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 try:
     import triton  # noqa: E402,F401
