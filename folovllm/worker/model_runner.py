@@ -14,7 +14,6 @@ few requests by token count. The batch is padded to the graph's shape with rows 
 
 from __future__ import annotations
 
-import logging
 import time
 
 import numpy as np
@@ -28,7 +27,6 @@ from folovllm.sample.metadata import build_sampling_metadata
 from folovllm.sample.sampler import Sampler
 from folovllm.worker.input_batch import InputBatch, StepInputs
 
-logger = logging.getLogger(__name__)
 
 
 # Prefill and mixed steps up to this many tokens and requests replay graphs too: eager, their

@@ -102,19 +102,19 @@ class TorchAttentionImpl(AttentionImpl):
         n = md.num_actual_tokens
         _write(key[:n], value[:n], kv_cache, plan.write_rows, plan.write_slots)
         gqa = self.num_heads != self.num_kv_heads
-        out = query.new_zeros(query.shape) if plan.prefills or plan.decode_rows is None \
-            or len(plan.decode_rows) != query.shape[0] else None
-
+        decode_out = None
         if plan.decode_rows is not None:
             k = gather_kv(kv_cache[0], plan.decode_block_ids, plan.decode_len)
             v = gather_kv(kv_cache[1], plan.decode_block_ids, plan.decode_len)
             q = query[plan.decode_rows].unsqueeze(2)                 # [R, H, 1, D]
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.decode_mask, scale=self.scale,
-                                               enable_gqa=gqa)
+            decode_out = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.decode_mask, scale=self.scale,
+                                                        enable_gqa=gqa).squeeze(2)
             if not plan.prefills and len(plan.decode_rows) == query.shape[0]:
-                return o.squeeze(2)  # every row is a decode, in order: no scatter needed
-            out[plan.decode_rows] = o.squeeze(2)
+                return decode_out  # every row is a decode, in order: no scatter needed
 
+        out = query.new_zeros(query.shape)
+        if decode_out is not None:
+            out[plan.decode_rows] = decode_out
         for p in plan.prefills:
             k = gather_kv(kv_cache[0], p.block_ids, p.seq_len)
             v = gather_kv(kv_cache[1], p.block_ids, p.seq_len)

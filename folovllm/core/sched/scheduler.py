@@ -9,7 +9,6 @@ are freed and it goes back to the front of the queue, to be recomputed later.
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -206,12 +205,3 @@ class Scheduler:
             request.status = RequestStatus.FINISHED_LENGTH_CAPPED
             return True
         return False
-
-    def make_stats(self) -> dict[str, float]:
-        return {
-            "num_running_reqs": len(self.running),
-            "num_waiting_reqs": len(self.waiting),
-            "kv_cache_usage": self.kv_cache_manager.usage,
-            "num_preemptions": self.num_preemptions,
-            "time": time.monotonic(),
-        }

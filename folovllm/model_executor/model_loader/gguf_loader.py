@@ -195,36 +195,42 @@ def _save_sidecar(obj, folder: str, stamp: dict, kind: str) -> None:
         pass  # a read-only folder only costs start-up time
 
 
-def load_gguf_config(path: str) -> transformers.PretrainedConfig:
+def _load_via_sidecar(path: str, kind: str, auto_cls, fix):
+    """`auto_cls` (AutoConfig or AutoTokenizer) built from the GGUF file once, corrected by
+    `fix(obj, gguf)`, then read back from the sidecar folder while the file is unchanged."""
     g = _open(path)
     folder, stamp = _sidecar(path)
-    if _sidecar_valid(folder, stamp, "config"):
-        return transformers.AutoConfig.from_pretrained(folder)
+    if _sidecar_valid(folder, stamp, kind):
+        return auto_cls.from_pretrained(folder)
     directory, name = _split(path)
-    config = transformers.AutoConfig.from_pretrained(directory, gguf_file=name)
+    obj = auto_cls.from_pretrained(directory, gguf_file=name)
+    fix(obj, g)
+    _save_sidecar(obj, folder, stamp, kind)
+    return obj
+
+
+def _fix_config(config, g: _GGUF) -> None:
     # transformers maps attention.key_length to head_dim only for some archs, and
     # Qwen3 checkpoints have head_dim != hidden_size / num_heads.
     key_length = g.metadata.get(f"{g.arch}.attention.key_length")
     if key_length is not None:
         config.head_dim = int(key_length)
-    _save_sidecar(config, folder, stamp, "config")
-    return config
 
 
-def load_gguf_tokenizer(path: str):
-    g = _open(path)
-    folder, stamp = _sidecar(path)
-    if _sidecar_valid(folder, stamp, "tokenizer"):
-        return transformers.AutoTokenizer.from_pretrained(folder)
-    directory, name = _split(path)
-    tok = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
+def _fix_tokenizer(tok, g: _GGUF) -> None:
     # transformers keeps the tokenizer class's default EOS (Qwen2: <|endoftext|>)
     # instead of the file's (Qwen instruct: <|im_end|>), so chats would never stop.
     eos_id = g.metadata.get("tokenizer.ggml.eos_token_id")
     if eos_id is not None and tok.eos_token_id != eos_id:
         tok.eos_token = tok.convert_ids_to_tokens(int(eos_id))
-    _save_sidecar(tok, folder, stamp, "tokenizer")
-    return tok
+
+
+def load_gguf_config(path: str) -> transformers.PretrainedConfig:
+    return _load_via_sidecar(path, "config", transformers.AutoConfig, _fix_config)
+
+
+def load_gguf_tokenizer(path: str):
+    return _load_via_sidecar(path, "tokenizer", transformers.AutoTokenizer, _fix_tokenizer)
 
 
 def _hf_name(gguf_name: str) -> str | None:
