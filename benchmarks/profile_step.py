@@ -24,6 +24,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--phases", action="store_true", help="only the per-phase split of a step")
+    ap.add_argument("--kernels", action="store_true", help="only the per-kernel GPU time of a decode step")
     args = ap.parse_args()
     llm = LLM("benchmarks/configs/qwen3-0.6b", load_format="dummy", enforce_eager=args.enforce_eager,
               max_model_len=4096)
@@ -39,9 +40,9 @@ def main() -> None:
             engine.step()
         for _ in range(5):
             engine.step()
-        if args.phases:
-            print(f"\n===== batch {batch}: phases of a decode step")
-            phases(engine, args.steps)
+        if args.phases or args.kernels:
+            print(f"\n===== batch {batch}: {'phases' if args.phases else 'kernels'} of a decode step")
+            (phases if args.phases else kernels)(engine, args.steps)
             engine.abort_request(list(engine.scheduler.requests))
             engine.step()
             continue
@@ -109,6 +110,34 @@ def phases(engine, steps: int) -> None:
         acc["GPU: logits+sample"] += mid.elapsed_time(end) / 1e3
     for k, v in acc.items():
         print(f"  {k:32s} {v / steps * 1e3:7.3f} ms")
+
+
+def kernels(engine, steps: int) -> None:
+    """GPU time per decode step by kernel (kernels inside graph replays included), and the sum
+    against the step's GPU span: the difference is the gaps between kernels."""
+    import collections
+    from torch.autograd import DeviceType
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as tp:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    acc: dict[str, list] = collections.defaultdict(lambda: [0, 0.0])
+    first, last = float("inf"), 0.0
+    for e in tp.events():
+        if e.device_type != DeviceType.CUDA or "Memcpy" in e.name or "Memset" in e.name:
+            continue
+        a = acc[e.name[:70]]
+        a[0] += 1
+        a[1] += e.device_time
+        first = min(first, e.time_range.start)
+        last = max(last, e.time_range.end)
+    busy = sum(v[1] for v in acc.values()) / steps
+    print(f"  {'kernel':70s} {'calls':>6s} {'us/step':>8s} {'us/call':>8s}")
+    for name, (n, t) in sorted(acc.items(), key=lambda kv: -kv[1][1])[:24]:
+        print(f"  {name:70s} {n / steps:6.1f} {t / steps:8.1f} {t / n:8.2f}")
+    print(f"  kernels {sum(v[0] for v in acc.values()) / steps:.0f}/step, busy {busy:.0f} us/step, "
+          f"span {(last - first) / steps:.0f} us/step")
 
 
 if __name__ == "__main__":

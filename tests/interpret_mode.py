@@ -24,3 +24,15 @@ def enter_interpreter(compiled: bool = False) -> bool:
     if not elsewhere:
         os.environ["TRITON_INTERPRET"] = "1"
     return elsewhere
+
+
+def rerun_pytest(test_file: str, env: dict, select: str | None = None) -> None:
+    """Run one test file (optionally `-k select`) in a fresh Python process with `env`; fail with
+    the end of its output unless every selected case passed."""
+    import subprocess
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file]
+    if select:
+        cmd += ["-k", select]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=repo)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

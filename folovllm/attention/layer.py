@@ -19,8 +19,13 @@ class Attention(nn.Module):
         self.impl = impl_cls(num_heads, head_dim, scale, num_kv_heads)
         self.kv_cache: torch.Tensor | None = None  # [2, num_blocks, block_size, KVH, D]
 
+    def writes_kv_in_model(self, attn_metadata: AttentionMetadata | None) -> bool:
+        """Whether the model should store this step's K/V itself (fused into its rotary kernel)
+        and call forward with kv_written=True."""
+        return attn_metadata is not None and self.kv_cache is not None and self.impl.accepts_written_kv
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                attn_metadata: AttentionMetadata | None) -> torch.Tensor:
+                attn_metadata: AttentionMetadata | None, kv_written: bool = False) -> torch.Tensor:
         num_tokens = q.shape[0]
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
@@ -32,5 +37,5 @@ class Attention(nn.Module):
                 q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True,
                 scale=self.impl.scale, enable_gqa=self.num_heads != self.num_kv_heads).transpose(0, 1)
         else:
-            o = self.impl.forward(q, k, v, self.kv_cache, attn_metadata)
+            o = self.impl.forward(q, k, v, self.kv_cache, attn_metadata, kv_written)
         return o.reshape(num_tokens, self.num_heads * self.head_dim)

@@ -16,16 +16,14 @@ On a machine with CUDA, test_compiled_on_cuda reruns the file with the compiled 
 from __future__ import annotations
 
 import os
-import sys
 
 import torch  # noqa: E402
-from interpret_mode import enter_interpreter  # noqa: E402
+from interpret_mode import enter_interpreter, rerun_pytest  # noqa: E402
 
 _ON_CUDA = os.environ.get("FOLOVLLM_FUSED_OPS_CUDA") == "1"
 _TRITON_ALREADY_COMPILED = enter_interpreter(compiled=_ON_CUDA)
 
 import itertools  # noqa: E402
-import subprocess  # noqa: E402
 import types  # noqa: E402
 
 import pytest  # noqa: E402
@@ -77,7 +75,6 @@ DTYPES = [torch.float32, torch.bfloat16]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 EPS = 1e-6
 _seeds = itertools.count(1)
-_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def randn(*shape, dtype, scale=1.0):
@@ -207,6 +204,40 @@ def test_qk_norm_rope(dtype, tokens, head_dim, norm, sliced):
 
 
 @in_process
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim,norm", [(128, True), (64, False), (80, True)])
+def test_qk_norm_rope_writes_cache(dtype, head_dim, norm):
+    """With v, a cache and slots, the same launch stores the rotated k and the untouched v at each
+    row's slot (as reshape_and_cache would); slot -1 rows and rows past the slot list write
+    nothing, and nothing else in the cache changes."""
+    tokens, heads, kv_heads, block_size, num_blocks = 6, 4, 2, 4, 5
+    qs, ks = heads * head_dim, kv_heads * head_dim
+    qkv = randn(tokens, qs + 2 * ks, dtype=dtype, scale=2.0)
+    q, k, v = qkv.split([qs, ks, ks], dim=-1)
+    v_before = v.clone()
+    positions = torch.tensor([3, 0, 9, 4095, 17, 2]).to(DEVICE)
+    q_w = randn(head_dim, dtype=dtype) if norm else None
+    k_w = randn(head_dim, dtype=dtype) if norm else None
+    rope = make_rope(head_dim)
+    ref_q, ref_k = torch_qk_norm_rope(f32(q), f32(k), positions.cpu(), rope,
+                                      f32(q_w) if norm else None, f32(k_w) if norm else None)
+    cache = randn(2, num_blocks, block_size, kv_heads, head_dim, dtype=dtype)
+    cache_before = cache.clone()
+    slots = torch.tensor([7, -1, 0, 19, 12], dtype=torch.int64).to(DEVICE)   # row 5: past the list
+    out_q, out_k = fused_ops.qk_norm_rope(q, k, positions, rope.cos_sin_cache.to(DEVICE), q_w, k_w, EPS,
+                                          v=v, kv_cache=cache, slot_mapping=slots)
+    assert rel_err(out_q, ref_q) < TOL[dtype] and rel_err(out_k, ref_k) < TOL[dtype]
+    flat = cache.view(2, num_blocks * block_size, kv_heads, head_dim)
+    expect = cache_before.clone().view(2, num_blocks * block_size, kv_heads, head_dim)
+    for row, slot in enumerate(slots.tolist()):
+        if slot >= 0:
+            expect[0, slot] = out_k[row].view(kv_heads, head_dim)
+            expect[1, slot] = v_before[row].view(kv_heads, head_dim)
+    assert torch.equal(flat, expect)
+    assert torch.equal(v, v_before)
+
+
+@in_process
 def test_qk_norm_rope_out_of_place():
     q, k = randn(3, 2 * 64, dtype=torch.float32), randn(3, 64, dtype=torch.float32)
     positions = torch.tensor([0, 7, 4095]).to(DEVICE)
@@ -275,9 +306,7 @@ def test_model_on_cuda_matches_cpu(arch):
 # --- reruns in fresh processes -------------------------------------------------------------------
 
 def _rerun(env: dict, select: str) -> None:
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", select, __file__],
-                       env=env, capture_output=True, text=True, timeout=600, cwd=_REPO)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rerun_pytest(__file__, env, select)
 
 
 @pytest.mark.skipif(not _TRITON_ALREADY_COMPILED, reason="the cases above ran in this process")

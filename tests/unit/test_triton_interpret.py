@@ -12,15 +12,13 @@ tests/gpu/test_triton_attention.py covers the full matrix on CUDA.
 from __future__ import annotations
 
 import os
-import sys
 
 import torch  # noqa: E402
-from interpret_mode import enter_interpreter  # noqa: E402
+from interpret_mode import enter_interpreter, rerun_pytest  # noqa: E402
 
 _TRITON_ALREADY_COMPILED = enter_interpreter()
 
 import random  # noqa: E402
-import subprocess  # noqa: E402
 import zlib  # noqa: E402
 
 import pytest  # noqa: E402
@@ -150,8 +148,4 @@ def test_backend_impl():
 @pytest.mark.skipif(torch.cuda.is_available(),
                     reason="on a GPU, tests/gpu/test_triton_attention.py runs these cases compiled")
 def test_rerun_in_fresh_process():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                       env=env, capture_output=True, text=True, timeout=600,
-                       cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rerun_pytest(__file__, dict(os.environ, TRITON_INTERPRET="1"))

@@ -26,6 +26,10 @@ class AttentionMetadata:
 class AttentionImpl:
     """One backend's attention for one layer."""
 
+    # True when forward(..., kv_written=True) is supported: the model already stored this step's
+    # K/V at slot_mapping (fused into its rotary kernel), so the backend only attends.
+    accepts_written_kv = False
+
     def __init__(self, num_heads: int, head_dim: int, scale: float, num_kv_heads: int) -> None:
         self.num_heads = num_heads
         self.head_dim = head_dim
@@ -33,9 +37,9 @@ class AttentionImpl:
         self.num_kv_heads = num_kv_heads
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                kv_cache: torch.Tensor, attn_metadata: AttentionMetadata) -> torch.Tensor:
+                kv_cache: torch.Tensor, attn_metadata: AttentionMetadata, kv_written: bool = False) -> torch.Tensor:
         """query [T, H, D], key/value [T, KVH, D], kv_cache [2, num_blocks, block_size, KVH, D]
-        -> [T, H, D]."""
+        -> [T, H, D]. kv_written: the step's K/V are already in the cache (see accepts_written_kv)."""
         raise NotImplementedError
 
 

@@ -96,7 +96,8 @@ def _plan(md: AttentionMetadata, block_size: int) -> _Plan:
 
 
 class TorchAttentionImpl(AttentionImpl):
-    def forward(self, query, key, value, kv_cache, attn_metadata: AttentionMetadata):
+    def forward(self, query, key, value, kv_cache, attn_metadata: AttentionMetadata, kv_written: bool = False):
+        assert not kv_written, "the torch backend writes its own K/V"
         md = attn_metadata
         plan = _plan(md, kv_cache.shape[2])
         n = md.num_actual_tokens

@@ -16,13 +16,15 @@ class TritonAttentionImpl(AttentionImpl):
     # requests (q_len 1, seq_len 1, slot -1) are attended harmlessly and write nothing. The split
     # path's scratch is allocated by the eager warm-up of each batch size, before capture.
     supports_cuda_graph = True
+    accepts_written_kv = True
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                kv_cache: torch.Tensor, attn_metadata: AttentionMetadata) -> torch.Tensor:
+                kv_cache: torch.Tensor, attn_metadata: AttentionMetadata, kv_written: bool = False) -> torch.Tensor:
         md = attn_metadata
         # Every row with a slot is written; padding rows carry slot -1 (or have no slot at all)
         # and are skipped in the kernel, so num_actual_tokens is not needed here.
-        reshape_and_cache(key, value, kv_cache, md.slot_mapping)
+        if not kv_written:
+            reshape_and_cache(key, value, kv_cache, md.slot_mapping)
         # Rows past query_start_loc[-1] (CUDA-graph padding) are left unwritten: their output is
         # never used.
         out = torch.empty_like(query)

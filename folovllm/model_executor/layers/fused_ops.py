@@ -135,51 +135,88 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
-def _qk_norm_rope_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, cache_ptr, qw_ptr, kw_ptr,
-                         stride_q, stride_k, stride_q_out, stride_k_out, stride_cache,
-                         num_q_heads, eps,
-                         HAS_NORM: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
-    """Grid (tokens, q heads + kv heads): one program rotates one head of one token. Heads
-    [0, num_q_heads) are q's, the rest k's. A head is handled as its two halves (x1, x2), the
-    pairs that neox rotary mixes; both are loaded before the stores, so in place is safe."""
-    tok = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
-    if head < num_q_heads:
-        src = q_ptr + tok * stride_q + head * (2 * HALF)
-        dst = q_out_ptr + tok * stride_q_out + head * (2 * HALF)
-        w_ptr = qw_ptr
-    else:
-        src = k_ptr + tok * stride_k + (head - num_q_heads) * (2 * HALF)
-        dst = k_out_ptr + tok * stride_k_out + (head - num_q_heads) * (2 * HALF)
-        w_ptr = kw_ptr
-    offs = tl.arange(0, BLOCK_HALF)
-    mask = offs < HALF
-    x1 = tl.load(src + offs, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(src + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+def _rope_heads(src_ptr, dst_ptr, stride_h, num_heads, w_ptr, cos, sin, eps,
+                HAS_NORM: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+                BLOCK_HALF: tl.constexpr):
+    """The heads of one token, [num_heads, 2 * HALF] at stride_h: optional per-head RMSNorm, then
+    neox rotary (each head as its two halves x1, x2, the pairs rotary mixes). Everything is loaded
+    before the stores, so dst may alias src. Returns the rotated halves (in the output dtype)."""
+    offs_h = tl.arange(0, BLOCK_H)[:, None]
+    offs = tl.arange(0, BLOCK_HALF)[None, :]
+    mask = (offs_h < num_heads) & (offs < HALF)
+    src = src_ptr + offs_h * stride_h + offs
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
     if HAS_NORM:
-        # RMSNorm of the whole head, rounded to the input dtype before and after the weight
+        # RMSNorm of each whole head, rounded to the input dtype before and after the weight
         # (the PyTorch path hands rotary a tensor in the input dtype).
-        rstd = tl.rsqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / (2 * HALF) + eps)
-        w1 = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        w2 = tl.load(w_ptr + HALF + offs, mask=mask, other=0.0).to(tl.float32)
-        dt = q_ptr.dtype.element_ty
+        rstd = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * HALF) + eps)[:, None]
+        w1 = tl.load(w_ptr + offs, mask=offs < HALF, other=0.0).to(tl.float32)
+        w2 = tl.load(w_ptr + HALF + offs, mask=offs < HALF, other=0.0).to(tl.float32)
+        dt = src_ptr.dtype.element_ty
         x1 = (w1 * (x1 * rstd).to(dt).to(tl.float32)).to(dt).to(tl.float32)
         x2 = (w2 * (x2 * rstd).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+    o1 = (x1 * cos - x2 * sin).to(dst_ptr.dtype.element_ty)
+    o2 = (x2 * cos + x1 * sin).to(dst_ptr.dtype.element_ty)
+    dst = dst_ptr + offs_h * stride_h + offs
+    tl.store(dst, o1, mask=mask)
+    tl.store(dst + HALF, o2, mask=mask)
+    return o1, o2
+
+
+@triton.jit
+def _qk_norm_rope_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr, pos_ptr, cache_ptr, qw_ptr, kw_ptr,
+                         k_cache_ptr, v_cache_ptr, slot_ptr,
+                         stride_q, stride_k, stride_v, stride_q_out, stride_k_out, stride_cache,
+                         stride_cs, stride_ch, num_slots, num_q_heads, num_kv_heads, eps,
+                         HAS_NORM: tl.constexpr, WRITE_CACHE: tl.constexpr, HALF: tl.constexpr,
+                         BLOCK_HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr):
+    """Grid (tokens, 2): program (t, 0) does all q heads of token t, program (t, 1) all its k heads,
+    each as one [heads, half] tile (a few wide loads rather than one small program per head). With
+    WRITE_CACHE the k program also stores the rotated k and the untouched v at the token's cache
+    slot (the attention backend's cache write, folded in); slot -1, or a row past num_slots, is not
+    written."""
+    tok = tl.program_id(0).to(tl.int64)
     cs = cache_ptr + tl.load(pos_ptr + tok).to(tl.int64) * stride_cache
-    cos = tl.load(cs + offs, mask=mask, other=0.0).to(tl.float32)
-    sin = tl.load(cs + HALF + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(dst + offs, (x1 * cos - x2 * sin).to(q_out_ptr.dtype.element_ty), mask=mask)
-    tl.store(dst + HALF + offs, (x2 * cos + x1 * sin).to(q_out_ptr.dtype.element_ty), mask=mask)
+    offs = tl.arange(0, BLOCK_HALF)[None, :]
+    cos = tl.load(cs + offs, mask=offs < HALF, other=0.0).to(tl.float32)
+    sin = tl.load(cs + HALF + offs, mask=offs < HALF, other=0.0).to(tl.float32)
+    if tl.program_id(1) == 0:
+        _rope_heads(q_ptr + tok * stride_q, q_out_ptr + tok * stride_q_out, 2 * HALF, num_q_heads, qw_ptr,
+                    cos, sin, eps, HAS_NORM, HALF, BLOCK_HQ, BLOCK_HALF)
+        return
+    k1, k2 = _rope_heads(k_ptr + tok * stride_k, k_out_ptr + tok * stride_k_out, 2 * HALF, num_kv_heads,
+                         kw_ptr, cos, sin, eps, HAS_NORM, HALF, BLOCK_HK, BLOCK_HALF)
+    if WRITE_CACHE:
+        slot = tl.load(slot_ptr + tok, mask=tok < num_slots, other=-1).to(tl.int64)
+        if slot >= 0:
+            offs_h = tl.arange(0, BLOCK_HK)[:, None]
+            mask = (offs_h < num_kv_heads) & (offs < HALF)
+            # int64 slot: num_blocks * block_size * KVH * D can pass 2^31 on a large cache.
+            dst = slot * stride_cs + offs_h * stride_ch + offs
+            tl.store(k_cache_ptr + dst, k1.to(k_cache_ptr.dtype.element_ty), mask=mask)
+            tl.store(k_cache_ptr + dst + HALF, k2.to(k_cache_ptr.dtype.element_ty), mask=mask)
+            src = v_ptr + tok * stride_v + offs_h * (2 * HALF) + offs
+            tl.store(v_cache_ptr + dst, tl.load(src, mask=mask).to(v_cache_ptr.dtype.element_ty), mask=mask)
+            tl.store(v_cache_ptr + dst + HALF, tl.load(src + HALF, mask=mask).to(v_cache_ptr.dtype.element_ty),
+                     mask=mask)
 
 
 def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
                  q_norm_weight: torch.Tensor | None = None, k_norm_weight: torch.Tensor | None = None,
-                 eps: float = 1e-6, inplace: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                 eps: float = 1e-6, inplace: bool = True, v: torch.Tensor | None = None,
+                 kv_cache: torch.Tensor | None = None, slot_mapping: torch.Tensor | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q [T, H*D], k [T, KVH*D] (rows may be strided, e.g. column slices of the fused qkv
     output), positions [T], cos_sin_cache [max_pos, D] = cat(cos, sin) -> (q, k) after the
     optional per-head RMSNorm (both weights or neither, each [D]) and neox rotary, in one launch.
     In place by default (the returned tensors are q and k); inplace=False leaves them alone and
-    returns new contiguous tensors."""
+    returns new contiguous tensors.
+
+    With v [T, KVH*D], kv_cache [2, num_blocks, block_size, KVH, D] and slot_mapping [<= T] int64,
+    the same launch also writes each row's rotated k and its v to kv_cache at slot_mapping[row]
+    (what the attention backend's cache write does): slot -1, and rows past len(slot_mapping), are
+    skipped, so CUDA-graph padding writes nothing."""
     head_dim = cos_sin_cache.shape[1]
     assert head_dim % 2 == 0 and q.shape[1] % head_dim == 0 and k.shape[1] % head_dim == 0
     assert q.dtype == k.dtype and q.stride(1) == 1 and k.stride(1) == 1 and cos_sin_cache.stride(1) == 1
@@ -190,18 +227,34 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_
         # The kernel rounds the normed head to q's dtype, which is the PyTorch result only when
         # the weight has q's dtype (the model builds them so).
         assert q_norm_weight.dtype == k_norm_weight.dtype == q.dtype
+    write_cache = kv_cache is not None
+    assert write_cache == (v is not None) == (slot_mapping is not None)
     q_out, k_out = (q, k) if inplace else (torch.empty_like(q, memory_format=torch.contiguous_format),
                                            torch.empty_like(k, memory_format=torch.contiguous_format))
     num_q_heads, num_kv_heads = q.shape[1] // head_dim, k.shape[1] // head_dim
     if q.shape[0] == 0:
         return q_out, k_out
+    if write_cache:
+        assert v.shape == k.shape and v.stride(1) == 1
+        assert kv_cache.shape[3:] == (num_kv_heads, head_dim) and kv_cache.stride(4) == 1
+        k_cache, v_cache = kv_cache[0], kv_cache[1]
+        # A slot indexes the flattened (block, offset) pair: it needs those two dims to be dense.
+        assert k_cache.stride(1) * k_cache.shape[1] == k_cache.stride(0)
+        cache_args = (k_cache, v_cache, slot_mapping, v.stride(0))
+        cache_strides = (k_cache.stride(1), k_cache.stride(2), slot_mapping.shape[0])
+    else:
+        cache_args = (q, q, positions, 0)   # placeholders: never touched without WRITE_CACHE
+        cache_strides = (0, 0, 0)
     half = head_dim // 2
     block_half = triton.next_power_of_2(half)
     w_q = q_norm_weight if has_norm else q  # placeholders: never read without HAS_NORM
     w_k = k_norm_weight if has_norm else k
-    _qk_norm_rope_kernel[(q.shape[0], num_q_heads + num_kv_heads)](
-        q, k, q_out, k_out, positions, cos_sin_cache, w_q, w_k,
-        q.stride(0), k.stride(0), q_out.stride(0), k_out.stride(0), cos_sin_cache.stride(0),
-        num_q_heads, eps, HAS_NORM=has_norm, HALF=half, BLOCK_HALF=block_half,
-        num_warps=1 if block_half <= 64 else 2)
+    block_hq = triton.next_power_of_2(num_q_heads)
+    _qk_norm_rope_kernel[(q.shape[0], 2)](
+        q, k, v if write_cache else k, q_out, k_out, positions, cos_sin_cache, w_q, w_k, *cache_args[:3],
+        q.stride(0), k.stride(0), cache_args[3], q_out.stride(0), k_out.stride(0), cos_sin_cache.stride(0),
+        *cache_strides, num_q_heads, num_kv_heads, eps,
+        HAS_NORM=has_norm, WRITE_CACHE=write_cache, HALF=half, BLOCK_HALF=block_half,
+        BLOCK_HQ=block_hq, BLOCK_HK=triton.next_power_of_2(num_kv_heads),
+        num_warps=max(1, min(4, block_hq * block_half // 256)))
     return q_out, k_out

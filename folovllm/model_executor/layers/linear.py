@@ -14,6 +14,19 @@ import torch.nn.functional as F
 from torch import nn
 
 
+# Small decode batches on a GPU use the skinny Triton matmul (skinny_gemm.py) for weights with
+# at most this many input features. On an H200, inside a CUDA graph, it beat cuBLAS on the attention
+# projections at 1-16 rows (o_proj at 1-4 rows: 5.2 vs 12.4 us, where cuBLAS splits K over two
+# kernels) and tied on gate/up; on the wide-K down projection (3072) cuBLAS was faster (6.4 vs
+# 7.3 us), so it keeps it. benchmarks/bench_skinny_gemm.py measures both.
+SKINNY_MAX_K = 2048
+
+
+def _use_skinny(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
+            and weight.shape[1] <= SKINNY_MAX_K and 0 < x.numel() <= 16 * x.shape[-1])
+
+
 class UnquantizedLinearMethod:
     """Creates a plain weight (and bias) and applies x W^T + b."""
 
@@ -23,6 +36,9 @@ class UnquantizedLinearMethod:
         layer.bias = nn.Parameter(torch.empty(output_size, dtype=dtype), requires_grad=False) if bias else None
 
     def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
+        if _use_skinny(x, layer.weight):
+            from folovllm.model_executor.layers.skinny_gemm import skinny_gemm
+            return skinny_gemm(x, layer.weight, layer.bias)
         return F.linear(x, layer.weight, layer.bias)
 
     def apply_parts(self, layer: "Linear", x: torch.Tensor) -> list[torch.Tensor]:

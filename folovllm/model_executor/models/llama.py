@@ -41,19 +41,24 @@ class LlamaAttention(nn.Module):
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
                 attn_metadata: AttentionMetadata | None) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        kv_written = False
         if q.is_cuda:
-            # One kernel for q/k norm and rotary, in place on the column slices of the qkv output.
+            # One kernel for q/k norm and rotary, in place on the column slices of the qkv output;
+            # where the backend allows, the same kernel stores k and v in the paged cache.
             from folovllm.model_executor.layers import fused_ops
             norm = self.q_norm is not None
+            kv_written = self.attn.writes_kv_in_model(attn_metadata)
+            cache_args = dict(v=v, kv_cache=self.attn.kv_cache, slot_mapping=attn_metadata.slot_mapping) \
+                if kv_written else {}
             q, k = fused_ops.qk_norm_rope(
                 q, k, positions, self.rotary_emb.cos_sin_cache, self.q_norm.weight if norm else None,
-                self.k_norm.weight if norm else None, self.q_norm.eps if norm else 0.0)
+                self.k_norm.weight if norm else None, self.q_norm.eps if norm else 0.0, **cache_args)
         else:
             if self.q_norm is not None:
                 q = self.q_norm(q.reshape(-1, self.head_dim)).view(q.shape)
                 k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)
             q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, attn_metadata))
+        return self.o_proj(self.attn(q, k, v, attn_metadata, kv_written))
 
 
 class LlamaMLP(nn.Module):
