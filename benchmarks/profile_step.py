@@ -15,6 +15,7 @@ import time
 import torch
 
 from folovllm import LLM, SamplingParams
+from folovllm.worker.model_runner import StepOutput
 
 
 def main() -> None:
@@ -26,8 +27,9 @@ def main() -> None:
     ap.add_argument("--phases", action="store_true", help="only the per-phase split of a step")
     ap.add_argument("--kernels", action="store_true", help="only the per-kernel GPU time of a decode step")
     args = ap.parse_args()
+    # Steps are driven one at a time here, so the engine runs synchronously.
     llm = LLM("benchmarks/configs/qwen3-0.6b", load_format="dummy", enforce_eager=args.enforce_eager,
-              max_model_len=4096)
+              max_model_len=4096, async_scheduling=False)
     engine = llm.llm_engine
     g = torch.Generator().manual_seed(0)
     for batch in args.batch:
@@ -90,12 +92,13 @@ def phases(engine, steps: int) -> None:
         mid.record()
         t2 = time.perf_counter()
         logits = runner.model.compute_logits(hidden)
-        sampled = [[] for _ in so.num_scheduled_tokens]
-        runner._sample(logits, step, sampled)  # ends with the host sync
+        out = StepOutput(runner, list(so.num_scheduled_tokens), step)
+        runner._sample(logits, step, out)
+        runner._unread.append(out)
+        result = out.get()  # ends with the host sync
         end.record()
         t3 = time.perf_counter()
-        from folovllm.core.sched.output import ModelRunnerOutput
-        core = engine.scheduler.update_from_output(so, ModelRunnerOutput(list(so.num_scheduled_tokens), sampled))
+        core = engine.scheduler.update_from_output(so, result)
         t4 = time.perf_counter()
         engine.output_processor.process(core)
         t5 = time.perf_counter()

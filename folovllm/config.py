@@ -112,6 +112,10 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
     enable_chunked_prefill: bool = True
+    # Plan step N+1 while step N runs on the device, so the host's scheduling and output
+    # processing overlap the GPU. None: on for CUDA devices, off on the CPU (where the forward
+    # pass runs on the same cores and there is nothing to overlap).
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         _check(self.max_num_seqs >= 1, f"SchedulerConfig.max_num_seqs must be >= 1, got {self.max_num_seqs}")
@@ -186,6 +190,7 @@ class EngineArgs:
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
     enable_chunked_prefill: bool = True
+    async_scheduling: bool | None = None
     tensor_parallel_size: int = 1
     device: str = "auto"
     attention_backend: str = "auto"
@@ -215,7 +220,7 @@ class EngineArgs:
                 cpu_kv_cache_space_gib=cpu_space, enable_prefix_caching=self.enable_prefix_caching),
             scheduler_config=SchedulerConfig(
                 max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
-                enable_chunked_prefill=self.enable_chunked_prefill),
+                enable_chunked_prefill=self.enable_chunked_prefill, async_scheduling=self.async_scheduling),
             parallel_config=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size),
             device=self.device,
             attention_backend=self.attention_backend,

@@ -49,6 +49,9 @@ class Request:
         self.output_token_ids: list[int] = []
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.num_computed_tokens = 0
+        # Tokens being sampled by steps still in flight (scheduled, output not yet back): with
+        # async scheduling the next step is planned as if they were already known.
+        self.num_output_placeholders = 0
         self.num_preemptions = 0
         self.max_tokens = sampling_params.max_tokens
 

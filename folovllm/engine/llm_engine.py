@@ -57,6 +57,11 @@ class LLMEngine:
         self.processor = Processor(self.tokenizer, self.max_model_len, self.hf_config.vocab_size,
                                    eos_token_ids(mc, self.hf_config, self.tokenizer))
         self.output_processor = OutputProcessor(self.tokenizer)
+        sc = config.scheduler_config
+        self.async_scheduling = (sc.async_scheduling if sc.async_scheduling is not None
+                                 else config.torch_device().type == "cuda")
+        # (scheduler output, runner handle) of the step on the device whose output is unread.
+        self._in_flight: tuple | None = None
         self._request_counter = itertools.count()
         self.startup_times = dict(self.executor.worker.startup_times, total=time.perf_counter() - t0)
         logger.info("engine ready: %d KV blocks of %d tokens, max_model_len %d, start-up %s",
@@ -127,13 +132,27 @@ class LLMEngine:
     # ---- the step ----------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """Schedule and run one step; return the outputs of the step that finished.
+
+        With async scheduling the step just scheduled is left running on the device and the
+        outputs returned are those of the step before it, processed while the new one runs (so
+        outputs arrive one step late, and a request ended by EOS or a stop string may have had
+        one more row computed and discarded)."""
         scheduler_output = self.scheduler.schedule()
         now = time.monotonic()
         for req_id in scheduler_output.num_scheduled_tokens:
             state = self.output_processor.states.get(req_id)
             if state is not None and state.metrics.first_scheduled_time is None:
                 state.metrics.first_scheduled_time = now
-        runner_output = self.executor.execute_model(scheduler_output)
+        if not self.async_scheduling:
+            return self._process(scheduler_output, self.executor.execute_model(scheduler_output))
+        handle = self.executor.execute_model(scheduler_output, non_block=True)
+        previous, self._in_flight = self._in_flight, (scheduler_output, handle)
+        if previous is None:
+            return []
+        return self._process(previous[0], previous[1].get())
+
+    def _process(self, scheduler_output, runner_output) -> list[RequestOutput]:
         core_outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
         outputs, stopped = self.output_processor.process(core_outputs)
         if stopped:

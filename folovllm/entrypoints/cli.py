@@ -26,10 +26,10 @@ def add_engine_args(parser: argparse.ArgumentParser, default_model: str | None =
         hint = hints[f.name]
         if f.name == "hf_overrides":
             continue
-        if hint is bool:
+        base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
+        if base is bool:  # bool, or bool | None where None means "the engine decides"
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
             continue
-        base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
         parser.add_argument(flag, type=base if base in (int, float, str) else str, default=f.default)
 
 

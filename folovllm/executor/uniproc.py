@@ -4,7 +4,7 @@ drives a worker per rank; the engine sees the same three calls."""
 from __future__ import annotations
 
 from folovllm.config import EngineConfig
-from folovllm.core.sched.output import ModelRunnerOutput, SchedulerOutput
+from folovllm.core.sched.output import SchedulerOutput
 from folovllm.worker.worker import Worker
 
 
@@ -18,5 +18,6 @@ class UniprocExecutor:
     def initialize_cache(self, num_blocks: int) -> None:
         self.worker.initialize_cache(num_blocks)
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return self.worker.execute_model(scheduler_output)
+    def execute_model(self, scheduler_output: SchedulerOutput, non_block: bool = False):
+        """The step's ModelRunnerOutput, or with non_block=True a handle whose get() returns it."""
+        return self.worker.execute_model(scheduler_output, non_block)

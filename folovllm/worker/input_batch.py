@@ -28,6 +28,10 @@ class StepInputs:
     sampling_rows: np.ndarray    # batch rows (request indices in the step) that sample
     req_indices: np.ndarray      # [R] the requests' rows in the InputBatch
     max_query_len: int
+    # Token rows whose input id is a token still being sampled by the previous step (async
+    # scheduling), and the InputBatch row each belongs to.
+    pending_tokens: np.ndarray
+    pending_rows: np.ndarray
 
 
 class InputBatch:
@@ -39,9 +43,12 @@ class InputBatch:
         self.num_tokens = np.zeros(max_num_reqs, dtype=np.int64)
         self.num_prompt_tokens = np.zeros(max_num_reqs, dtype=np.int64)
         self.num_computed_tokens = np.zeros(max_num_reqs, dtype=np.int64)
+        # Tokens sampled by steps in flight and not yet in token_ids (async scheduling).
+        self.num_pending = np.zeros(max_num_reqs, dtype=np.int64)
         self.block_table = np.zeros((max_num_reqs, max_blocks), dtype=np.int32)
         self.num_blocks = np.zeros(max_num_reqs, dtype=np.int64)
         self.req_id_to_index: dict[str, int] = {}
+        self.num_removals = 0   # rows freed so far: unchanged means every row has its owner still
         self.free_rows = list(range(max_num_reqs - 1, -1, -1))
         self.sampling_params: list[SamplingParams | None] = [None] * max_num_reqs
         self.generators: dict[int, torch.Generator] = {}
@@ -54,6 +61,7 @@ class InputBatch:
         self.token_ids[row, :n] = prompt_token_ids
         self.num_tokens[row] = self.num_prompt_tokens[row] = n
         self.num_computed_tokens[row] = num_computed_tokens
+        self.num_pending[row] = 0
         self.num_blocks[row] = 0
         self.set_blocks(row, block_ids, replace=True)
         self.sampling_params[row] = params
@@ -64,6 +72,7 @@ class InputBatch:
         row = self.req_id_to_index.pop(req_id, None)
         if row is None:
             return
+        self.num_removals += 1
         self.sampling_params[row] = None
         self.generators.pop(row, None)
         self.free_rows.append(row)
@@ -84,7 +93,10 @@ class InputBatch:
         positions = np.repeat(start - (cu - n), n) + np.arange(total)
         end = start + n
         self.num_computed_tokens[idx] = end
-        samples = end == self.num_tokens[idx]
+        known = self.num_tokens[idx]
+        samples = end == known + self.num_pending[idx]
+        # Positions past the known tokens take the previous step's samples (on the device).
+        pending_tokens = np.nonzero(positions >= np.repeat(known, n))[0]
         max_blocks = int(self.num_blocks[idx].max())
         query_start_loc = np.zeros(len(idx) + 1, dtype=np.int32)
         query_start_loc[1:] = cu
@@ -99,11 +111,17 @@ class InputBatch:
             sampling_rows=np.nonzero(samples)[0],
             req_indices=idx,
             max_query_len=int(n.max()),
+            pending_tokens=pending_tokens,
+            pending_rows=rows[pending_tokens],
         )
 
-    def append_tokens(self, rows: np.ndarray, token_ids: np.ndarray) -> None:
+    def append_tokens(self, rows: np.ndarray, token_ids: np.ndarray, pending: bool = False) -> None:
+        """Record one sampled token per row; pending=True when each was counted in num_pending
+        (sampled by a step whose output is only now back)."""
         self.token_ids[rows, self.num_tokens[rows]] = token_ids
         self.num_tokens[rows] += 1
+        if pending:
+            self.num_pending[rows] -= 1
 
     def prompt_and_output_ids(self, row: int) -> tuple[list[int], list[int]]:
         p, n = int(self.num_prompt_tokens[row]), int(self.num_tokens[row])

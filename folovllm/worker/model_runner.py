@@ -10,6 +10,11 @@ samples nothing).
 On a GPU, steps replay CUDA graphs: pure-decode steps by batch size, prefill and mixed steps of a
 few requests by token count. The batch is padded to the graph's shape with rows whose slot is -1
 (their K/V is never written).
+
+With async scheduling (execute_model(..., non_block=True)) the step returns as soon as its work is
+queued: the sampled ids come back through a StepOutput whose get() waits for them. The next step
+may already be scheduled by then; its decode rows whose input is a token still in flight take it
+straight from the previous step's sampled-ids tensor on the device.
 """
 
 from __future__ import annotations
@@ -78,6 +83,13 @@ class ModelRunner:
         self._seq_lens_cpu, self._seq_lens_np, self.seq_lens = buffers((max_num_reqs,), torch.int32)
         self._block_table_cpu, self._block_table_np, self.block_table = buffers((max_num_reqs, max_blocks),
                                                                                 torch.int32)
+        # Async scheduling: the last step's sampled ids on the device, which InputBatch row each
+        # entry belongs to (-1: none), and the steps whose outputs nobody has read yet.
+        self._pend_dst_cpu, self._pend_dst_np, self._pend_dst = buffers((max_num_reqs,), torch.int64)
+        self._pend_src_cpu, self._pend_src_np, self._pend_src = buffers((max_num_reqs,), torch.int64)
+        self._prev_sampled: torch.Tensor | None = None
+        self._prev_index = np.full(max_num_reqs, -1, dtype=np.int64)
+        self._unread: list[StepOutput] = []
 
     def initialize_kv_cache(self, num_blocks: int, dtype: torch.dtype) -> None:
         """One [2, num_blocks, block_size, KVH, D] tensor per layer, bound to its attention layer.
@@ -179,55 +191,75 @@ class ModelRunner:
         t = len(step.input_ids)
         graph_key = self._graph_key(step, t)
         md = self._copy_inputs(step, graph_key)
+        if len(step.pending_tokens):
+            self._fill_pending_inputs(step)
         if graph_key is not None:
             self.graphs[graph_key].replay()
             return self.graph_hidden[:t], step
         return self.model(self.input_ids[:t], self.positions[:t], md), step
 
+    def _fill_pending_inputs(self, step: StepInputs) -> None:
+        """Input ids that the previous step is still sampling: gather them from its sampled-ids
+        tensor into the step's input buffer, on the device (no wait for the host)."""
+        src = self._prev_index[step.pending_rows]
+        assert self._prev_sampled is not None and (src >= 0).all(), "input token neither known nor in flight"
+        k = len(src)
+        if self.device.type == "cpu":
+            self.input_ids[step.pending_tokens] = self._prev_sampled[torch.from_numpy(src)]
+            return
+        self._pend_dst_np[:k] = step.pending_tokens
+        self._pend_src_np[:k] = src
+        dst = self._pend_dst[:k]
+        dst.copy_(self._pend_dst_cpu[:k], non_blocking=True)
+        self._pend_src[:k].copy_(self._pend_src_cpu[:k], non_blocking=True)
+        self.input_ids.index_copy_(0, dst, self._prev_sampled.index_select(0, self._pend_src[:k]))
+
     @torch.inference_mode()
-    def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
+    def execute_model(self, so: SchedulerOutput, non_block: bool = False) -> "ModelRunnerOutput | StepOutput":
+        """Run one step. Returns its output, or with non_block=True a StepOutput whose get()
+        waits for it (the GPU work is queued; nothing has synchronised yet)."""
         if so.total_num_scheduled_tokens == 0:
             self._update_states(so)
-            return ModelRunnerOutput([], [])
-        hidden, step = self.forward(so)
-        t = len(step.input_ids)
-        req_ids = list(so.num_scheduled_tokens)
-        sampled: list[list[int]] = [[] for _ in req_ids]
-        logprobs: list | None = None
-        if len(step.sampling_rows):
-            if len(step.logits_indices) == t:  # every row samples (pure decode): no gather
-                logits = self.model.compute_logits(hidden)
-            else:
-                idx = torch.from_numpy(step.logits_indices).to(self.device, non_blocking=True)
-                logits = self.model.compute_logits(hidden[idx])
-            logprobs = self._sample(logits, step, sampled)
-        return ModelRunnerOutput(req_ids=req_ids, sampled_token_ids=sampled, logprobs=logprobs)
+            out = StepOutput.ready(ModelRunnerOutput([], []))
+        else:
+            hidden, step = self.forward(so)
+            t = len(step.input_ids)
+            out = StepOutput(self, list(so.num_scheduled_tokens), step)
+            if len(step.sampling_rows):
+                if len(step.logits_indices) == t:  # every row samples (pure decode): no gather
+                    logits = self.model.compute_logits(hidden)
+                else:
+                    idx = torch.from_numpy(step.logits_indices).to(self.device, non_blocking=True)
+                    logits = self.model.compute_logits(hidden[idx])
+                self._sample(logits, step, out)
+            self._unread.append(out)
+        return out if non_block else out.get()
 
-    def _sample(self, logits: torch.Tensor, step: StepInputs, sampled: list[list[int]]):
+    def _sample(self, logits: torch.Tensor, step: StepInputs, out: "StepOutput") -> None:
         batch = self.input_batch
         rows = step.req_indices[step.sampling_rows]
         params = [batch.sampling_params[r] for r in rows]
-        num_output = (batch.num_tokens[rows] - batch.num_prompt_tokens[rows]).tolist()
+        num_output = (batch.num_tokens[rows] + batch.num_pending[rows] - batch.num_prompt_tokens[rows]).tolist()
         generators = {i: batch.generators[r] for i, r in enumerate(rows) if r in batch.generators}
 
         def token_ids():
+            self.read_all_outputs()  # penalties need every earlier token on the host
             pairs = [batch.prompt_and_output_ids(r) for r in rows]
             return [p for p, _ in pairs], [o for _, o in pairs]
 
         md = build_sampling_metadata(params, num_output, generators, self.vocab_size, self.device, token_ids)
-        out = self.sampler(logits, md)
-        token_ids_np = out.sampled_token_ids.cpu().numpy()  # the one host sync of the step
-        batch.append_tokens(rows, token_ids_np)
-        for i, tok in zip(step.sampling_rows.tolist(), token_ids_np.tolist()):
-            sampled[i] = [tok]
-        if out.logprobs is None:
-            return None
-        result: list = [None] * len(sampled)
-        lp_ids, lp_vals = out.logprob_token_ids.tolist(), out.logprobs.tolist()
-        for j, (i, p) in enumerate(zip(step.sampling_rows.tolist(), params)):
-            if p.logprobs is not None:
-                result[i] = [dict(zip(lp_ids[j][:p.logprobs + 1], lp_vals[j][:p.logprobs + 1]))]
-        return result
+        sampled = self.sampler(logits, md)
+        # The next step's rows that decode from these tokens read them here, on the device.
+        self._prev_index[self._prev_index >= 0] = -1
+        self._prev_index[rows] = np.arange(len(rows))
+        self._prev_sampled = sampled.sampled_token_ids
+        batch.num_pending[rows] += 1
+        out.set_sampled(rows, step.sampling_rows, params, sampled)
+
+    def read_all_outputs(self) -> None:
+        """Wait for every step still in flight and record its tokens (in step order)."""
+        for out in list(self._unread):
+            out.get()
 
     # ---- start-up ----------------------------------------------------------------------
 
@@ -284,3 +316,64 @@ class ModelRunner:
         self._graph_keys = sorted(self.graphs, key=lambda k: k[1])
         torch.cuda.synchronize()
         return time.perf_counter() - t0
+
+
+class StepOutput:
+    """One step's result, ready once the device has finished it. The sampled ids (and logprobs)
+    are copied to pinned host memory behind the step's work and an event marks their arrival;
+    get() waits for that event, appends the tokens to the runner's InputBatch (unless the request
+    left it meanwhile) and returns the ModelRunnerOutput. Idempotent."""
+
+    def __init__(self, runner: ModelRunner | None, req_ids: list[str], step: StepInputs | None = None) -> None:
+        self.runner = runner
+        self.req_ids = req_ids
+        self.step = step
+        self._sampled = None
+        self._result: ModelRunnerOutput | None = None
+
+    @classmethod
+    def ready(cls, result: ModelRunnerOutput) -> "StepOutput":
+        out = cls(None, result.req_ids)
+        out._result = result
+        return out
+
+    def set_sampled(self, rows: np.ndarray, sampling_rows: np.ndarray, params: list, sampled) -> None:
+        cuda = sampled.sampled_token_ids.is_cuda
+        host = [None if t is None else t.to("cpu", non_blocking=True)
+                for t in (sampled.sampled_token_ids, sampled.logprob_token_ids, sampled.logprobs)]
+        event = None
+        if cuda:
+            event = torch.cuda.Event()
+            event.record()
+        self._sampled = (rows, sampling_rows, params, host, event, self.runner.input_batch.num_removals)
+
+    def get(self) -> ModelRunnerOutput:
+        if self._result is not None:
+            return self._result
+        runner = self.runner
+        sampled: list[list[int]] = [[] for _ in self.req_ids]
+        logprobs = None
+        if self._sampled is not None:
+            rows, sampling_rows, params, (ids, lp_ids, lp_vals), event, removals = self._sampled
+            if event is not None:
+                event.synchronize()   # the one host sync of the step
+            ids_np = ids.numpy()
+            batch = runner.input_batch
+            if batch.num_removals == removals:
+                batch.append_tokens(rows, ids_np, pending=True)
+            else:  # a request that left (its row may hold another one by now) gets nothing
+                owners = [self.req_ids[i] for i in sampling_rows.tolist()]
+                keep = np.fromiter((batch.req_id_to_index.get(o) == r for o, r in zip(owners, rows.tolist())),
+                                   dtype=bool, count=len(rows))
+                batch.append_tokens(rows[keep], ids_np[keep], pending=True)
+            for i, tok in zip(sampling_rows.tolist(), ids_np.tolist()):
+                sampled[i] = [tok]
+            if lp_ids is not None:
+                logprobs = [None] * len(sampled)
+                lp_ids, lp_vals = lp_ids.tolist(), lp_vals.tolist()
+                for j, (i, p) in enumerate(zip(sampling_rows.tolist(), params)):
+                    if p.logprobs is not None:
+                        logprobs[i] = [dict(zip(lp_ids[j][:p.logprobs + 1], lp_vals[j][:p.logprobs + 1]))]
+        self._result = ModelRunnerOutput(req_ids=self.req_ids, sampled_token_ids=sampled, logprobs=logprobs)
+        runner._unread.remove(self)
+        return self._result

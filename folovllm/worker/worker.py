@@ -11,7 +11,7 @@ from folovllm.attention.backends.abstract import get_attn_backend_cls
 from folovllm.config import EngineConfig
 from folovllm.core.kv_cache_manager import cdiv
 from folovllm.core.kv_cache_utils import check_enough_kv_cache, kv_cache_bytes_per_token
-from folovllm.core.sched.output import ModelRunnerOutput, SchedulerOutput
+from folovllm.core.sched.output import SchedulerOutput
 from folovllm.model_executor.model_loader import config_dtype, get_model
 from folovllm.worker.model_runner import ModelRunner, default_graph_batch_sizes
 
@@ -91,5 +91,6 @@ class Worker:
             sizes = default_graph_batch_sizes(self.config.scheduler_config.max_num_seqs)
             self.startup_times["cuda_graphs"] = self.model_runner.capture_cuda_graphs(sizes)
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return self.model_runner.execute_model(scheduler_output)
+    def execute_model(self, scheduler_output: SchedulerOutput, non_block: bool = False):
+        """The step's ModelRunnerOutput, or with non_block=True a handle whose get() returns it."""
+        return self.model_runner.execute_model(scheduler_output, non_block)

@@ -5,6 +5,12 @@ decode costs one token; a prompt being prefilled in chunks takes what the budget
 waiting ones in arrival order while there is budget, room under max_num_seqs and free blocks.
 When a running request cannot get a block, the newest running request is preempted: its blocks
 are freed and it goes back to the front of the queue, to be recomputed later.
+
+A step that will sample a request's next token counts it as a placeholder until the token comes
+back in update_from_output. With async scheduling the engine plans step N+1 while step N runs, so
+a decoding request is scheduled for the position whose input is step N's (still unknown) token;
+a request whose placeholder will end it (max_tokens, max_model_len) is not scheduled again, and
+one that ends otherwise (EOS, a stop string) wastes one step's row, which is discarded.
 """
 
 from __future__ import annotations
@@ -95,7 +101,11 @@ class Scheduler:
         req_index = 0
         while req_index < len(self.running) and token_budget > 0:
             request = self.running[req_index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, token_budget)
+            if request.num_output_placeholders and self._ends_with_placeholders(request):
+                req_index += 1  # its last token is in flight: nothing more to compute
+                continue
+            num_new = min(request.num_tokens + request.num_output_placeholders - request.num_computed_tokens,
+                          token_budget)
             assert num_new > 0, f"{request} is running with nothing to compute"
             while True:
                 new_blocks = self.kv_cache_manager.allocate_slots(request, num_new)
@@ -120,6 +130,8 @@ class Scheduler:
         if not preempted:
             while self.waiting and token_budget > 0 and len(self.running) < self.max_num_seqs:
                 request = self.waiting[0]
+                if request.num_output_placeholders:
+                    break  # preempted while its last token was in flight: wait for the token
                 computed_blocks, num_cached = self.kv_cache_manager.get_computed_blocks(request)
                 num_new = request.num_tokens - num_cached
                 if num_new > token_budget:
@@ -146,8 +158,12 @@ class Scheduler:
 
         # The runner computes these tokens now; count them as computed so that the next
         # schedule() sees where each request stands.
+        # A request whose scheduled tokens reach its end samples one token this step.
         for req_id, num in num_scheduled_tokens.items():
-            self.requests[req_id].num_computed_tokens += num
+            request = self.requests[req_id]
+            request.num_computed_tokens += num
+            if request.num_computed_tokens == request.num_tokens + request.num_output_placeholders:
+                request.num_output_placeholders += 1
 
         output = SchedulerOutput(
             scheduled_new_reqs=new_reqs,
@@ -159,6 +175,12 @@ class Scheduler:
         )
         self.finished_req_ids = set()
         return output
+
+    def _ends_with_placeholders(self, request: Request) -> bool:
+        """Whether the tokens in flight take the request to max_tokens or max_model_len."""
+        n = request.num_output_placeholders
+        return ((request.max_tokens is not None and request.num_output_tokens + n >= request.max_tokens)
+                or request.num_tokens + n >= self.max_model_len)
 
     def _preempt(self, request: Request) -> None:
         self.kv_cache_manager.free(request)
@@ -176,8 +198,11 @@ class Scheduler:
         for req_id, token_ids, req_logprobs in zip(runner_output.req_ids,
                                                    runner_output.sampled_token_ids, logprobs):
             request = self.requests.get(req_id)
-            if request is None or request.status != RequestStatus.RUNNING or not token_ids:
-                continue  # aborted meanwhile, or a prompt chunk that samples nothing
+            if request is None or not token_ids:
+                continue  # ended meanwhile (abort, stop string), or a prompt chunk that samples nothing
+            request.num_output_placeholders -= 1
+            # A request preempted while this token was in flight keeps it: it was sampled from
+            # a complete context, and the recompute will include it.
             new_token_ids = []
             for token_id in token_ids:
                 request.append_output_token_ids([token_id])
@@ -189,7 +214,10 @@ class Scheduler:
                 req_id, new_token_ids, req_logprobs[:len(new_token_ids)] if req_logprobs else None,
                 request.get_finished_reason(), request.stop_reason))
         for request in stopped:
-            self.running.remove(request)
+            if request in self.running:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
             self._free_request(request)
         return outputs
 
