@@ -1,10 +1,15 @@
 """Batched sampler: raw logprobs, min_tokens, penalties, then greedy / filtered random sampling.
 
 Everything stays on the logits' device and nothing reads a device value back to the host, so the
-step can be queued behind the forward pass without a sync."""
+step can be queued behind the forward pass without a sync.
+
+The common GPU step (temperature or greedy, nothing else) skips the PyTorch chain and goes
+through a fused Triton kernel (sample/triton_sampler.py) that reads the logits once."""
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -21,9 +26,43 @@ class SamplerOutput:
     logprobs: torch.Tensor | None            # [n, k+1] float32 matching logprob_token_ids
 
 
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+_FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
 class Sampler(torch.nn.Module):
+    """`fused` picks the path for batches the fused kernel can serve (see `takes_fused_path`):
+    None (the default) uses it for CUDA logits when triton is installed, True for any device
+    (on the CPU that needs TRITON_INTERPRET=1: the tests), False never."""
+
+    def __init__(self, fused: bool | None = None) -> None:
+        super().__init__()
+        self.fused = fused
+        # Philox keys of the fused path's unseeded rows. They are drawn on the host, so the step
+        # touches no GPU random state and reads nothing back. The generator is seeded once from
+        # torch's seed (torch.initial_seed, which does not advance the global generator), so
+        # torch.manual_seed makes a run repeatable.
+        self.key_generator = torch.Generator().manual_seed(torch.initial_seed())
+
+    def takes_fused_path(self, logits: torch.Tensor, md: SamplingMetadata) -> bool:
+        """The fused kernel does temperature and greedy only: no logprobs (they need the whole
+        log-softmax), no min_tokens blocking, no penalties, no top-k / top-p / min-p."""
+        if self.fused is False or (self.fused is None and not (logits.is_cuda and _triton_installed())):
+            return False
+        return (logits.dim() == 2 and logits.dtype in _FUSED_DTYPES
+                and md.max_num_logprobs is None and not md.min_tokens and md.no_penalties
+                and md.top_k is None and md.top_p is None and md.min_p is None
+                # A seeded request draws from its own generator on every step, whatever else is
+                # in its batch, so its tokens never depend on which path a step took.
+                and not md.generators)
 
     def forward(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
+        if self.takes_fused_path(logits, md):
+            return SamplerOutput(self.fused_sample(logits, md), None, None)
         logits = logits.to(torch.float32)
         # Logprobs describe the model's distribution, not the processed one (as vLLM v1).
         raw_logprobs = None if md.max_num_logprobs is None else logits.log_softmax(dim=-1)
@@ -39,6 +78,21 @@ class Sampler(torch.nn.Module):
             return SamplerOutput(sampled, None, None)
         ids, lps = gather_logprobs(raw_logprobs, md.max_num_logprobs, sampled)
         return SamplerOutput(sampled, ids, lps)
+
+    def fused_sample(self, logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+        """Greedy rows take the argmax, the others Gumbel-max with a fresh Philox key per row,
+        drawn on the host."""
+        from folovllm.sample import triton_sampler  # only here: `import folovllm` needs no triton
+
+        keys = None if md.all_greedy else self.row_keys(logits.shape[0], logits.device)
+        return triton_sampler.gumbel_sample(logits, md.temperature, keys, _GREEDY_EPS)
+
+    def row_keys(self, n: int, device: torch.device) -> torch.Tensor:
+        """[n] int64 Philox keys on `device`, built in pinned host memory and copied without
+        blocking, so the step never waits for the GPU."""
+        keys = torch.empty(n, dtype=torch.int64, pin_memory=device.type == "cuda")
+        keys.random_(generator=self.key_generator)
+        return keys.to(device, non_blocking=True)
 
 
 def apply_min_tokens(logits: torch.Tensor, blocked: dict[int, set[int]]) -> torch.Tensor:
