@@ -56,7 +56,7 @@ def bench(batch: int, warmup: int, repeats: int) -> dict:
     md = build_sampling_metadata(params, [0] * batch, {}, VOCAB, device)
     torch_sampler, fused_sampler = Sampler(fused=False), Sampler(fused=True)
     assert fused_sampler.takes_fused_path(logits, md) and not torch_sampler.takes_fused_path(logits, md)
-    keys = fused_sampler.row_keys(md, batch, device)
+    keys = fused_sampler.row_keys(batch, device)
     row = {"batch": batch}
     row["torch"] = median_us(lambda: torch_sampler(logits, md), warmup, repeats)
     row["fused"] = median_us(lambda: fused_sampler(logits, md), warmup, repeats)

@@ -45,6 +45,10 @@ step() {  # step NAME LIMIT_S COMMAND...
 step ceilings 60 python3 -m folovllm.bench.floor --output-json "$OUT/ceilings.json"
 # shellcheck disable=SC2086
 step throughput_folovllm 200 $FOLO bench throughput $ENGINE_ARGS --output-json "$OUT/throughput_folovllm.json"
+# The same engine stepping synchronously (no async scheduling), to show what the overlap is worth.
+# shellcheck disable=SC2086
+step throughput_folovllm_sync 200 $FOLO bench throughput $ENGINE_ARGS --no-async-scheduling \
+  --output-json "$OUT/throughput_folovllm_sync.json"
 if [ "$SKIP_HF" = 0 ]; then
   step throughput_hf 330 $FOLO bench throughput --backend hf --num-prompts "$HF_NUM_PROMPTS" \
     --output-json "$OUT/throughput_hf.json"
@@ -55,7 +59,7 @@ if [ "$SKIP_HF" = 0 ]; then
   step latency_hf 90 $FOLO bench latency --backend hf --batch-sizes 1 --output-json "$OUT/latency_hf.json"
 fi
 
-FILES="$OUT/ceilings.json $OUT/throughput_folovllm.json $OUT/latency_folovllm.json"
+FILES="$OUT/ceilings.json $OUT/throughput_folovllm.json $OUT/throughput_folovllm_sync.json $OUT/latency_folovllm.json"
 [ "$SKIP_HF" = 0 ] && FILES="$FILES $OUT/throughput_hf.json $OUT/latency_hf.json"
 echo | tee -a "$LOG"
 # shellcheck disable=SC2086

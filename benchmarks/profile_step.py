@@ -24,6 +24,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--phases", action="store_true", help="only the per-phase split of a step")
     ap.add_argument("--kernels", action="store_true", help="only the per-kernel GPU time of a decode step")
     args = ap.parse_args()
@@ -36,7 +37,7 @@ def main() -> None:
         for i in range(batch):
             ids = torch.randint(0, 10000, (args.prompt_len,), generator=g).tolist()
             engine.add_request(f"b{batch}-{i}", {"prompt_token_ids": ids},
-                               SamplingParams(max_tokens=args.steps + 40, ignore_eos=True, temperature=0.0),
+                               SamplingParams(max_tokens=args.steps + 40, ignore_eos=True, temperature=args.temperature),
                                stream=False)
         while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.requests.values()):
             engine.step()

@@ -64,12 +64,15 @@ def summary_table(results: list[dict]) -> str:
              f"{r['throughput_floor']['floor_s']:.2f} s" for r in results if r.get("kind") == "ceilings"]
     lines += [f"{'run':<24} {'device':<26} {'wall s':>8} {'out tok/s':>10} {'tot tok/s':>10} {'floor s':>8} "
              f"{'floor %':>8}  notes"]
+    def name(r: dict) -> str:  # a synchronous FoloVLLM run is labelled so
+        return r["backend"] + (" sync" if r.get("settings", {}).get("async_scheduling") is False else "")
+
     for r in results:
         if r.get("kind") == "throughput":
-            lines.append(f"{'throughput ' + r['backend']:<24} {r['device'][:26]:<26} {r['wall_s']:>8.2f} "
+            lines.append(f"{'throughput ' + name(r):<24} {r['device'][:26]:<26} {r['wall_s']:>8.2f} "
                          f"{r['output_tokens_per_s']:>10,.0f} {r['total_tokens_per_s']:>10,.0f} {r['floor_s']:>8.2f} "
                          f"{r['floor_fraction']:>8.1%}  {'; '.join(r['notes'])}")
-    tput = {r["backend"]: r for r in results if r.get("kind") == "throughput"}
+    tput = {name(r): r for r in results if r.get("kind") == "throughput"}
     if {"folovllm", "hf"} <= tput.keys():
         ratio = tput["folovllm"]["output_tokens_per_s"] / tput["hf"]["output_tokens_per_s"]
         same = tput["folovllm"]["num_requests"] == tput["hf"]["num_requests"]

@@ -55,6 +55,8 @@ def run_folovllm(engine_args: EngineArgs, requests: list[BenchRequest], temperat
     wall = time.perf_counter() - t0
     return dict(wall_s=wall, output_lens=[len(o.outputs[0].token_ids) for o in outs], startup_s=startup,
                 settings=dict(num_kv_blocks=llm.llm_engine.num_blocks,
+                              async_scheduling=llm.llm_engine.async_scheduling,
+                              num_preemptions=llm.llm_engine.scheduler.num_preemptions,
                               attention_backend=engine_args.attention_backend,
                               enforce_eager=engine_args.enforce_eager))
 
