@@ -87,7 +87,9 @@ def _score(row_ptrs, cols, vocab, row_mask, r, temp, greedy, ALL_GREEDY: tl.cons
     return score, valid
 
 
-@triton.jit
+# num_rows changes from step to step: not specialising on it (Triton would compile separate
+# variants for 1, multiples of 16 and the rest) keeps compilation out of the serving loop.
+@triton.jit(do_not_specialize=["num_rows"])
 def _sample_chunks_kernel(logits_ptr, temp_ptr, seed_ptr, best_val_ptr, best_idx_ptr,
                           num_rows, stride_row, vocab, num_chunks, greedy_eps,
                           ALL_GREEDY: tl.constexpr, CHUNK: tl.constexpr, TILE: tl.constexpr,
@@ -206,3 +208,18 @@ def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor | None, seeds:
     _reduce_chunks_kernel[(n,)](best_val, best_idx, out, num_chunks,
                                 BLOCK=max(16, triton.next_power_of_2(num_chunks)), num_warps=1)
     return out
+
+
+def warm_up(vocab: int, max_rows: int, device: torch.device, dtype: torch.dtype) -> None:
+    """Compile every kernel variant gumbel_sample can pick for up to max_rows rows of this
+    vocabulary (one per chunk size, greedy and random), so that no step of a running engine waits
+    for the compiler."""
+    seen = set()
+    for n in range(1, max_rows + 1):
+        config = (choose_chunk(n, vocab), choose_rows_per_program(n, vocab))
+        if config in seen:
+            continue
+        seen.add(config)
+        logits = torch.zeros(n, vocab, dtype=dtype, device=device)
+        gumbel_sample(logits, None, None)
+        gumbel_sample(logits, torch.ones(n, device=device), torch.zeros(n, dtype=torch.int64, device=device))

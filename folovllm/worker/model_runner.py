@@ -274,6 +274,16 @@ class ModelRunner:
         self.model.compute_logits(hidden[:num_sampled])
 
     @torch.inference_mode()
+    def warm_up_sampler(self) -> bool:
+        """Compile the fused sampler's kernel variants now (GPU only), rather than in the first
+        steps that need them. Returns whether there was anything to do."""
+        if self.device.type != "cuda" or self.sampler.fused is False:
+            return False
+        from folovllm.sample import triton_sampler
+        triton_sampler.warm_up(self.vocab_size, self.max_num_reqs, self.device, self.model.lm_head.weight.dtype)
+        return True
+
+    @torch.inference_mode()
     def capture_cuda_graphs(self, batch_sizes: list[int]) -> float:
         """Capture the model's forward for pure-decode batches of each size, and for prefill or
         mixed steps of up to MIXED_GRAPH_MAX_REQS requests by padded token count. Returns the

@@ -90,6 +90,9 @@ class Worker:
         if self.model_runner.use_cuda_graph:
             sizes = default_graph_batch_sizes(self.config.scheduler_config.max_num_seqs)
             self.startup_times["cuda_graphs"] = self.model_runner.capture_cuda_graphs(sizes)
+        t0 = time.perf_counter()
+        if self.model_runner.warm_up_sampler():
+            self.startup_times["sampler"] = time.perf_counter() - t0
 
     def execute_model(self, scheduler_output: SchedulerOutput, non_block: bool = False):
         """The step's ModelRunnerOutput, or with non_block=True a handle whose get() returns it."""

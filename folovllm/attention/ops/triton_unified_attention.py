@@ -84,7 +84,9 @@ def _attend_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, bt_row, start, end, seq_len, q
     return acc, l_i, m_i
 
 
-@triton.jit
+# num_reqs changes from step to step (eager prefill and mixed steps): no specialisation on it,
+# so a new batch size never means a new compilation.
+@triton.jit(do_not_specialize=["num_reqs"])
 def _unified_attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
     qsl_ptr, seq_lens_ptr, bt_ptr, num_reqs, num_heads, qk_scale,

@@ -164,7 +164,7 @@ def _rope_heads(src_ptr, dst_ptr, stride_h, num_heads, w_ptr, cos, sin, eps,
     return o1, o2
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_slots"])   # the step's token count: no recompiles per size
 def _qk_norm_rope_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr, pos_ptr, cache_ptr, qw_ptr, kw_ptr,
                          k_cache_ptr, v_cache_ptr, slot_ptr,
                          stride_q, stride_k, stride_v, stride_q_out, stride_k_out, stride_cache,
