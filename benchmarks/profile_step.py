@@ -93,7 +93,7 @@ def phases(engine, steps: int) -> None:
         mid.record()
         t2 = time.perf_counter()
         logits = runner.model.compute_logits(hidden)
-        out = StepOutput(runner, list(so.num_scheduled_tokens), step)
+        out = StepOutput(runner, list(so.num_scheduled_tokens))
         runner._sample(logits, step, out)
         runner._unread.append(out)
         result = out.get()  # ends with the host sync

@@ -36,3 +36,11 @@ def rerun_pytest(test_file: str, env: dict, select: str | None = None) -> None:
         cmd += ["-k", select]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=repo)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def in_process_marker(triton_already_compiled: bool):
+    """The marker for a file's interpreted cases: they skip in a process where triton was
+    imported compiled first (the file's test_rerun_in_fresh_process then runs them)."""
+    import pytest
+    return pytest.mark.skipif(triton_already_compiled,
+                              reason="triton was imported compiled first; see test_rerun_in_fresh_process")

@@ -83,8 +83,9 @@ class ModelRunner:
         self._seq_lens_cpu, self._seq_lens_np, self.seq_lens = buffers((max_num_reqs,), torch.int32)
         self._block_table_cpu, self._block_table_np, self.block_table = buffers((max_num_reqs, max_blocks),
                                                                                 torch.int32)
-        # Async scheduling: the last step's sampled ids on the device, which InputBatch row each
-        # entry belongs to (-1: none), and the steps whose outputs nobody has read yet.
+        # Async scheduling: staging for the gather of in-flight input ids (destination token rows,
+        # source entries), the last step's sampled ids on the device, the entry of each InputBatch
+        # row in it (-1: none), and the steps whose outputs nobody has read yet.
         self._pend_dst_cpu, self._pend_dst_np, self._pend_dst = buffers((max_num_reqs,), torch.int64)
         self._pend_src_cpu, self._pend_src_np, self._pend_src = buffers((max_num_reqs,), torch.int64)
         self._prev_sampled: torch.Tensor | None = None
@@ -224,7 +225,7 @@ class ModelRunner:
         else:
             hidden, step = self.forward(so)
             t = len(step.input_ids)
-            out = StepOutput(self, list(so.num_scheduled_tokens), step)
+            out = StepOutput(self, list(so.num_scheduled_tokens))
             if len(step.sampling_rows):
                 if len(step.logits_indices) == t:  # every row samples (pure decode): no gather
                     logits = self.model.compute_logits(hidden)
@@ -334,10 +335,9 @@ class StepOutput:
     get() waits for that event, appends the tokens to the runner's InputBatch (unless the request
     left it meanwhile) and returns the ModelRunnerOutput. Idempotent."""
 
-    def __init__(self, runner: ModelRunner | None, req_ids: list[str], step: StepInputs | None = None) -> None:
+    def __init__(self, runner: ModelRunner | None, req_ids: list[str]) -> None:
         self.runner = runner
         self.req_ids = req_ids
-        self.step = step
         self._sampled = None
         self._result: ModelRunnerOutput | None = None
 

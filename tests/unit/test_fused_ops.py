@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 
 import torch  # noqa: E402
-from interpret_mode import enter_interpreter, rerun_pytest  # noqa: E402
+from interpret_mode import enter_interpreter, rerun_pytest, in_process_marker  # noqa: E402
 
 _ON_CUDA = os.environ.get("FOLOVLLM_FUSED_OPS_CUDA") == "1"
 _TRITON_ALREADY_COMPILED = enter_interpreter(compiled=_ON_CUDA)
@@ -28,17 +28,13 @@ import types  # noqa: E402
 
 import pytest  # noqa: E402
 
-try:
-    import triton  # noqa: E402,F401
-except ImportError:
-    pytest.skip("triton is not installed", allow_module_level=True)
+pytest.importorskip("triton")
 
 from folovllm.model_executor.layers.activation import SiluAndMul  # noqa: E402
 from folovllm.model_executor.layers.layernorm import RMSNorm  # noqa: E402
 from folovllm.model_executor.layers.rotary_embedding import RotaryEmbedding  # noqa: E402
 
-in_process = pytest.mark.skipif(_TRITON_ALREADY_COMPILED,
-                                reason="triton was imported compiled first; see test_rerun_in_fresh_process")
+in_process = in_process_marker(_TRITON_ALREADY_COMPILED)
 if not _TRITON_ALREADY_COMPILED:
     from folovllm.model_executor.layers import fused_ops  # noqa: E402
 

@@ -13,20 +13,16 @@ import itertools
 import os
 
 import torch
-from interpret_mode import enter_interpreter, rerun_pytest
+from interpret_mode import enter_interpreter, rerun_pytest, in_process_marker
 
 _ON_CUDA = os.environ.get("FOLOVLLM_SKINNY_CUDA") == "1"
 _TRITON_ALREADY_COMPILED = enter_interpreter(compiled=_ON_CUDA)
 
 import pytest  # noqa: E402
 
-try:
-    import triton  # noqa: E402,F401
-except ImportError:
-    pytest.skip("triton is not installed", allow_module_level=True)
+pytest.importorskip("triton")
 
-in_process = pytest.mark.skipif(_TRITON_ALREADY_COMPILED,
-                                reason="triton was imported compiled first; see test_rerun_in_fresh_process")
+in_process = in_process_marker(_TRITON_ALREADY_COMPILED)
 if not _TRITON_ALREADY_COMPILED:
     from folovllm.model_executor.layers import linear  # noqa: E402
     from folovllm.model_executor.layers.skinny_gemm import MAX_ROWS, skinny_gemm  # noqa: E402

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 
 import torch  # noqa: E402
-from interpret_mode import enter_interpreter, rerun_pytest  # noqa: E402
+from interpret_mode import enter_interpreter, rerun_pytest, in_process_marker  # noqa: E402
 
 _TRITON_ALREADY_COMPILED = enter_interpreter()
 
@@ -23,16 +23,12 @@ import zlib  # noqa: E402
 
 import pytest  # noqa: E402
 
-try:
-    import triton  # noqa: E402,F401
-except ImportError:
-    pytest.skip("triton is not installed", allow_module_level=True)
+pytest.importorskip("triton")
 
 from folovllm.attention.backends.abstract import AttentionMetadata  # noqa: E402
 from folovllm.attention.backends.torch_ref import TorchAttentionImpl  # noqa: E402
 
-in_process = pytest.mark.skipif(_TRITON_ALREADY_COMPILED,
-                                reason="triton was imported compiled first; see test_rerun_in_fresh_process")
+in_process = in_process_marker(_TRITON_ALREADY_COMPILED)
 
 if not _TRITON_ALREADY_COMPILED:
     from folovllm.attention.backends.triton_attn import TritonAttentionImpl  # noqa: E402

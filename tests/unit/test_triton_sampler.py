@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 
 import torch  # noqa: E402
-from interpret_mode import enter_interpreter, rerun_pytest  # noqa: E402
+from interpret_mode import enter_interpreter, rerun_pytest, in_process_marker  # noqa: E402
 from sampling_reference import chi2_critical, chi2_statistic, key, reference_sample  # noqa: E402
 from sampling_reference import keys as _keys  # noqa: E402
 
@@ -25,11 +25,9 @@ _TRITON_ALREADY_COMPILED = enter_interpreter()
 
 import pytest  # noqa: E402
 
-try:
-    import triton  # noqa: E402,F401
-    import triton.language as tl  # noqa: E402
-except ImportError:
-    pytest.skip("triton is not installed", allow_module_level=True)
+pytest.importorskip("triton")
+import triton  # noqa: E402,F401
+import triton.language as tl  # noqa: E402
 
 from folovllm.sample.metadata import build_sampling_metadata  # noqa: E402
 from folovllm.sample.sampler import Sampler  # noqa: E402
@@ -38,8 +36,7 @@ from folovllm.sampling_params import SamplingParams  # noqa: E402
 # w = 1 gives log(0) = -inf on purpose (that token then loses); numpy warns about it.
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
 
-in_process = pytest.mark.skipif(_TRITON_ALREADY_COMPILED,
-                                reason="triton was imported compiled first; see test_rerun_in_fresh_process")
+in_process = in_process_marker(_TRITON_ALREADY_COMPILED)
 
 if not _TRITON_ALREADY_COMPILED:
     from folovllm.sample import triton_sampler  # noqa: E402
