@@ -4,6 +4,9 @@ TRITON_INTERPRET is read when kernels are defined, so it must be set before anyt
 triton, and it then holds for every kernel of the process. Where triton is already imported
 compiled, or where there is a GPU (whose tests need compiled kernels in the same pytest process),
 a file's interpreted cases run in a fresh process instead.
+
+Also `require`, the import of a test dependency such as triton: a skip on a developer's machine
+without it, a failure under CI (CI=true), which installs every test dependency.
 """
 
 from __future__ import annotations
@@ -12,6 +15,29 @@ import os
 import sys
 
 import torch  # importing torch does not import triton
+
+
+def in_ci() -> bool:
+    """Whether this is a CI run (CI runners set CI=true)."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def require(module: str):
+    """Import and return a test dependency. Where it is missing, the calling test file skips, as
+    with pytest.importorskip -- except under CI, where it fails: CI installs every test dependency
+    (`make install`), so a missing one is a broken install, not a reason to skip ~100 tests."""
+    __tracebackhide__ = True  # report the skip or failure at the test file's line
+    import importlib
+
+    import pytest
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        error = e
+    if in_ci():
+        pytest.fail(f"CI=true and the test dependency {module!r} cannot be imported ({error}); "
+                    "install the test dependencies (make install)", pytrace=False)
+    pytest.skip(f"could not import {module!r}: {error}", allow_module_level=True)
 
 
 def enter_interpreter(compiled: bool = False) -> bool:
