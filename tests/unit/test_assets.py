@@ -113,7 +113,7 @@ def test_resolve_model(monkeypatch, tmp_path):
     monkeypatch.setattr(assets, "fetch_default_model", lambda progress=True: fetched)
     for name in ("qwen2.5-coder-0.5b-instruct", "Qwen2.5-Coder-0.5B-Instruct", "Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF"):
         assert assets.resolve_model(name) == str(fetched)
-    for other in ("/some/model.gguf", "./x.gguf", "Qwen/Qwen2.5-0.5B-Instruct", str(tmp_path)):
+    for other in ("/some/model.gguf", "./x.gguf", "a/b/c", str(tmp_path)):
         assert assets.resolve_model(other) == other
     # An existing local path wins over the known name.
     monkeypatch.chdir(tmp_path)
