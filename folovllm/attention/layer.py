@@ -1,5 +1,9 @@
 """The attention layer models call. It owns its slice of the KV cache (bound once the cache is
-allocated) and hands q/k/v to the chosen backend."""
+allocated) and hands q/k/v to the chosen backend.
+
+Head counts are this tensor-parallel rank's (the model divides them before building the layer),
+so the runner sizes each layer's cache from `num_kv_heads` and `head_dim` here, never from the
+HF config."""
 
 from __future__ import annotations
 
@@ -11,8 +15,9 @@ from folovllm.attention.backends.abstract import AttentionImpl, AttentionMetadat
 
 class Attention(nn.Module):
     def __init__(self, num_heads: int, head_dim: int, scale: float, num_kv_heads: int,
-                 impl_cls: type[AttentionImpl]) -> None:
+                 impl_cls: type[AttentionImpl], prefix: str = "") -> None:
         super().__init__()
+        self.layer_name = prefix
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.num_kv_heads = num_kv_heads

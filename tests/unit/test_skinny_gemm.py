@@ -4,7 +4,7 @@ matmul of the same inputs, and the linear layer's choice of it.
 Here the kernel runs on the CPU under the Triton interpreter in float16 and float32 (the
 interpreter's bf16 tl.dot is wrong, so bf16 is checked on the GPU only). On a machine with CUDA,
 test_compiled_on_cuda reruns the file with the compiled kernel in bf16 and checks that
-linear.Linear dispatches to it exactly for small bf16 batches with K <= SKINNY_MAX_K.
+UnquantizedLinearMethod (linear.py) dispatches to it exactly for small bf16 batches with K <= SKINNY_MAX_K.
 """
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ import itertools
 import os
 
 import torch
-from interpret_mode import enter_interpreter, rerun_pytest, in_process_marker
+from interpret_mode import enter_interpreter, rerun_pytest, in_process_marker, require
 
 _ON_CUDA = os.environ.get("FOLOVLLM_SKINNY_CUDA") == "1"
 _TRITON_ALREADY_COMPILED = enter_interpreter(compiled=_ON_CUDA)
 
 import pytest  # noqa: E402
 
-pytest.importorskip("triton")
+require("triton")  # a skip without triton; under CI, a failure
 
 in_process = in_process_marker(_TRITON_ALREADY_COMPILED)
 if not _TRITON_ALREADY_COMPILED:
@@ -80,16 +80,16 @@ def test_skinny_gemm_rejects_too_many_rows():
         skinny_gemm(randn(MAX_ROWS + 1, 64, dtype=DTYPES[0]), randn(32, 64, dtype=DTYPES[0]))
 
 
-@pytest.mark.skipif(not _ON_CUDA, reason="checks the CUDA dispatch of linear.Linear")
+@pytest.mark.skipif(not _ON_CUDA, reason="checks the CUDA dispatch of the linear layers")
 def test_linear_dispatch_on_cuda(monkeypatch):
-    """Linear uses the skinny kernel for <= 16 rows of bf16 with K <= SKINNY_MAX_K, cuBLAS
+    """A linear layer uses the skinny kernel for <= 16 rows of bf16 with K <= SKINNY_MAX_K, cuBLAS
     otherwise, and both give the same numbers."""
     import folovllm.model_executor.layers.skinny_gemm as sg
     calls = []
     real = sg.skinny_gemm
     monkeypatch.setattr(sg, "skinny_gemm", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
     for k, rows, expect in [(1024, 1, True), (1024, 16, True), (1024, 17, False), (3072, 4, False)]:
-        layer = linear.Linear(k, [256, 128], bias=True, dtype=torch.bfloat16).to(DEVICE)
+        layer = linear.MergedColumnParallelLinear(k, [256, 128], bias=True, params_dtype=torch.bfloat16).to(DEVICE)
         layer.weight.data.normal_(0, k ** -0.5)
         layer.bias.data.normal_()
         x = randn(rows, k, dtype=torch.bfloat16)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from folovllm.config import ModelConfig
+if TYPE_CHECKING:
+    from folovllm.config import ModelConfig
+    from folovllm.model_executor.layers.quantization.base_config import QuantizationConfig
 
 
 def load_format_of(model_config: ModelConfig) -> str:
@@ -59,13 +62,31 @@ def iterate_weights(model_config: ModelConfig):
 
 def initialize_dummy_weights(model: nn.Module, seed: int, low: float = -1e-3, high: float = 1e-3) -> None:
     """Small uniform random weights (norm weights stay 1), seeded: enough to exercise every
-    kernel at real shapes, which is all a benchmark needs."""
+    kernel at real shapes, which is all a benchmark needs. One generator walks the parameters
+    in order; a parameter whose quant method knows better (packed integers, group indices)
+    carries its own `init_dummy(param, generator, low, high)`, and other integer parameters
+    are zeroed."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     for name, param in model.named_parameters():
         if name.endswith("norm.weight"):
             continue
-        cpu = torch.empty(param.shape, dtype=torch.float32).uniform_(low, high, generator=gen)
-        param.data.copy_(cpu)
+        init = getattr(param, "init_dummy", None)
+        if init is not None:
+            init(param, gen, low, high)
+        elif param.is_floating_point():
+            cpu = torch.empty(param.shape, dtype=torch.float32).uniform_(low, high, generator=gen)
+            param.data.copy_(cpu)
+        else:
+            param.data.zero_()
+
+
+def process_weights_after_loading(model: nn.Module) -> None:
+    """Give every layer's quant method its post-load step (repacking, transposing), once all
+    weights are in."""
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if method is not None:
+            method.process_weights_after_loading(module)
 
 
 def numpy_backed(shape, dtype: torch.dtype) -> torch.Tensor:
@@ -79,16 +100,39 @@ def numpy_backed(shape, dtype: torch.dtype) -> torch.Tensor:
     return torch.from_numpy(np.empty(shape, dtype=torch.empty((), dtype=dtype).numpy().dtype))
 
 
-def get_model(model_config: ModelConfig, hf_config, attn_impl, device: torch.device,
-              dtype: torch.dtype) -> nn.Module:
+def get_quant_config(model_config) -> QuantizationConfig | None:
+    """The QuantizationConfig of model_config.quantization, parsed from config.json's
+    quantization_config (an empty dict when the checkpoint has none), or None."""
+    name = getattr(model_config, "quantization", None)
+    if not name:
+        return None
+    from folovllm.model_executor.layers.quantization import get_quantization_config_cls
+
+    quant_config = get_quantization_config_cls(name).from_config(getattr(model_config, "hf_quant_config", None) or {})
+    dtype = model_config.dtype
+    supported = quant_config.get_supported_act_dtypes()
+    if dtype not in supported:
+        raise ValueError(f"quantization {name!r} runs with dtype {[str(d).removeprefix('torch.') for d in supported]}, "
+                         f"not {str(dtype).removeprefix('torch.')}; pass one of those as dtype")
+    return quant_config
+
+
+def get_model(model_config: ModelConfig, attn_impl, device: torch.device) -> nn.Module:
+    """Build the model of `model_config` (a resolved ModelConfig: model, hf_config, dtype,
+    quantization, hf_quant_config, seed, load_format) on `device`, this tensor-parallel rank's
+    shard of it (folovllm.distributed.parallel_state), with its weights loaded (or dummies) and
+    every quant method's process_weights_after_loading done."""
     from folovllm.model_executor.models.registry import get_model_cls
 
+    hf_config = model_config.hf_config
+    quant_config = get_quant_config(model_config)
     model_cls = get_model_cls(hf_config)
     with torch.device(device):
-        model = model_cls(hf_config, attn_impl, dtype)
+        model = model_cls(hf_config, attn_impl, model_config.dtype, quant_config=quant_config, prefix="")
     if device.type == "cpu":
         for param in model.parameters():  # a tied weight is one Parameter: moved once
             if param.numel() * param.element_size() >= 2**21:
+                # Assigning .data keeps the Parameter object, so its layout attributes too.
                 param.data = numpy_backed(tuple(param.shape), param.dtype)
     if load_format_of(model_config) == "dummy":
         initialize_dummy_weights(model, model_config.seed)
@@ -98,4 +142,5 @@ def get_model(model_config: ModelConfig, hf_config, attn_impl, device: torch.dev
         if missing:
             raise ValueError(f"the checkpoint at {model_config.model} lacks {len(missing)} weight(s), e.g. "
                              f"{sorted(missing)[:5]}; the files are incomplete or belong to another model")
+    process_weights_after_loading(model)
     return model.eval()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from tqdm.auto import tqdm
 
 
 def safetensors_files(folder: str | Path) -> list[Path]:
@@ -31,7 +32,12 @@ def safetensors_files(folder: str | Path) -> list[Path]:
 
 
 def iterate_safetensors_weights(folder: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    for path in safetensors_files(folder):
+    """(name, tensor) of every weight, file by file; a checkpoint of several shards shows a
+    progress bar (one step per shard) on stderr."""
+    files = safetensors_files(folder)
+    bar = tqdm(files, desc="Loading safetensors shards", unit="shard", dynamic_ncols=True,
+               disable=len(files) < 2)
+    for path in bar:
         try:
             f = safe_open(str(path), framework="pt")
         except Exception as e:  # safetensors raises its own error types for corrupt headers

@@ -1,6 +1,10 @@
 """The Llama decoder, which Qwen2 and Qwen3 share: pre-norm blocks of GQA attention with rotary
 positions and a SiLU-gated MLP. The variants differ only in switches: bias on QKV (Qwen2),
-per-head RMSNorm on q and k (Qwen3), tied embeddings (config)."""
+per-head RMSNorm on q and k (Qwen3), tied embeddings (config).
+
+Every layer is built with the quant config and its dotted checkpoint prefix (e.g.
+model.layers.0.self_attn.qkv_proj), and takes its share of heads and features from the
+tensor-parallel state; this file never names a quantization method or a rank count."""
 
 from __future__ import annotations
 
@@ -14,29 +18,42 @@ from folovllm.attention.backends.abstract import AttentionImpl, AttentionMetadat
 from folovllm.attention.layer import Attention
 from folovllm.model_executor.layers.activation import SiluAndMul
 from folovllm.model_executor.layers.layernorm import RMSNorm
-from folovllm.model_executor.layers.linear import Linear
+from folovllm.model_executor.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from folovllm.model_executor.layers.quantization.base_config import QuantizationConfig
 from folovllm.model_executor.layers.rotary_embedding import RotaryEmbedding
-from folovllm.model_executor.layers.vocab_parallel_embedding import LMHead, VocabEmbedding
+from folovllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from folovllm.model_executor.utils import default_weight_loader
+
+
+def maybe_prefix(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
 
 
 class LlamaAttention(nn.Module):
     def __init__(self, config, attn_impl: type[AttentionImpl], dtype: torch.dtype,
-                 rotary_emb: RotaryEmbedding, qkv_bias: bool, qk_norm: bool, o_bias: bool) -> None:
+                 rotary_emb: RotaryEmbedding, qkv_bias: bool, qk_norm: bool, o_bias: bool,
+                 quant_config: QuantizationConfig | None = None, prefix: str = "") -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
-        self.q_size = self.num_heads * self.head_dim
-        self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = Linear(config.hidden_size, [self.q_size, self.kv_size, self.kv_size], qkv_bias, dtype)
-        self.o_proj = Linear(self.q_size, config.hidden_size, o_bias, dtype)
+        total_heads = config.num_attention_heads
+        total_kv_heads = getattr(config, "num_key_value_heads", None) or total_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // total_heads
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, total_heads, total_kv_heads, qkv_bias,
+                                          dtype, quant_config, maybe_prefix(prefix, "qkv_proj"))
+        # This rank's heads: q heads split over the ranks, KV heads split or replicated.
+        self.num_heads = self.qkv_proj.num_heads
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
+        self.q_size = self.qkv_proj.q_size
+        self.kv_size = self.qkv_proj.kv_size
+        self.o_proj = RowParallelLinear(total_heads * self.head_dim, config.hidden_size, o_bias, params_dtype=dtype,
+                                        quant_config=quant_config, prefix=maybe_prefix(prefix, "o_proj"))
         if qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype)
         else:
             self.q_norm = self.k_norm = None
         self.rotary_emb = rotary_emb
-        self.attn = Attention(self.num_heads, self.head_dim, self.head_dim ** -0.5, self.num_kv_heads, attn_impl)
+        self.attn = Attention(self.num_heads, self.head_dim, self.head_dim ** -0.5, self.num_kv_heads, attn_impl,
+                              prefix=maybe_prefix(prefix, "attn"))
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
                 attn_metadata: AttentionMetadata | None) -> torch.Tensor:
@@ -62,11 +79,15 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config, dtype: torch.dtype) -> None:
+    def __init__(self, config, dtype: torch.dtype, quant_config: QuantizationConfig | None = None,
+                 prefix: str = "") -> None:
         super().__init__()
         bias = getattr(config, "mlp_bias", False)
-        self.gate_up_proj = Linear(config.hidden_size, [config.intermediate_size] * 2, bias, dtype)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias, dtype)
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2, bias,
+                                                       params_dtype=dtype, quant_config=quant_config,
+                                                       prefix=maybe_prefix(prefix, "gate_up_proj"))
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias, params_dtype=dtype,
+                                           quant_config=quant_config, prefix=maybe_prefix(prefix, "down_proj"))
         act = getattr(config, "hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"hidden_act {act!r} is not supported; only 'silu' is")
@@ -80,10 +101,12 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, attn_impl, dtype, rotary_emb, **attn_switches) -> None:
+    def __init__(self, config, attn_impl, dtype, rotary_emb, quant_config: QuantizationConfig | None = None,
+                 prefix: str = "", **attn_switches) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, attn_impl, dtype, rotary_emb, **attn_switches)
-        self.mlp = LlamaMLP(config, dtype)
+        self.self_attn = LlamaAttention(config, attn_impl, dtype, rotary_emb, **attn_switches,
+                                        quant_config=quant_config, prefix=maybe_prefix(prefix, "self_attn"))
+        self.mlp = LlamaMLP(config, dtype, quant_config, maybe_prefix(prefix, "mlp"))
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
@@ -99,14 +122,18 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config, attn_impl, dtype, **attn_switches) -> None:
+    def __init__(self, config, attn_impl, dtype, quant_config: QuantizationConfig | None = None, prefix: str = "",
+                 **attn_switches) -> None:
         super().__init__()
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, dtype)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype, quant_config,
+                                                   maybe_prefix(prefix, "embed_tokens"))
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         rotary_emb = RotaryEmbedding(config, head_dim, config.max_position_embeddings, dtype)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, attn_impl, dtype, rotary_emb, **attn_switches)
-                                    for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, attn_impl, dtype, rotary_emb, quant_config, maybe_prefix(prefix, f"layers.{i}"),
+                              **attn_switches)
+            for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
     def forward(self, input_ids, positions, attn_metadata):
@@ -125,12 +152,16 @@ class LlamaForCausalLM(nn.Module):
         ("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1),
     ]
 
-    def __init__(self, config, attn_impl: type[AttentionImpl], dtype: torch.dtype) -> None:
+    def __init__(self, config, attn_impl: type[AttentionImpl], dtype: torch.dtype,
+                 quant_config: QuantizationConfig | None = None, prefix: str = "") -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, attn_impl, dtype, **self.attention_switches(config))
+        self.quant_config = quant_config
+        self.model = LlamaModel(config, attn_impl, dtype, quant_config, maybe_prefix(prefix, "model"),
+                                **self.attention_switches(config))
         tied = self.model.embed_tokens if getattr(config, "tie_word_embeddings", False) else None
-        self.lm_head = LMHead(config.vocab_size, config.hidden_size, dtype, tied)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, dtype, quant_config,
+                                      maybe_prefix(prefix, "lm_head"), tied_embedding=tied)
 
     @staticmethod
     def attention_switches(config) -> dict[str, bool]:
@@ -145,7 +176,9 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Load (HF name, tensor) pairs; return the names of the parameters that were filled."""
+        """Load (HF name, tensor) pairs, each through its parameter's weight_loader (which takes
+        this rank's shard); return what was filled: parameter names, `name#shard` for a part
+        of a merged parameter."""
         params = dict(self.named_parameters(remove_duplicate=False))
         tied = getattr(self.config, "tie_word_embeddings", False)
         loaded: set[str] = set()
@@ -168,25 +201,19 @@ class LlamaForCausalLM(nn.Module):
         if param is None:
             raise ValueError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}: "
                              "the checkpoint does not match this architecture")
-        module = self.get_submodule(target.rsplit(".", 1)[0])
-        loader = getattr(module, "weight_loader", None)
-        if loader is not None:
-            loader(param, tensor, shard, name)
-        elif tuple(param.shape) != tuple(tensor.shape):
-            raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, but the model "
-                             f"config implies {tuple(param.shape)}: the weights do not match config.json")
-        else:
-            param.data.copy_(tensor)
+        getattr(param, "weight_loader", default_weight_loader)(param, tensor, shard, name)
 
     def expected_weight_names(self) -> set[str]:
-        """What load_weights must report for a complete checkpoint."""
+        """What load_weights must report for a complete checkpoint: every parameter the layers'
+        quant methods created (weight, or qweight, scales, ...), once per part where merged."""
+        shards: dict[str, list[int]] = {}
+        for merged, _, shard in self.stacked_params_mapping:
+            shards.setdefault(merged, []).append(shard)
         names = set()
-        mergeable = {m: len([1 for mm, _, _ in self.stacked_params_mapping if mm == m])
-                     for m, _, _ in self.stacked_params_mapping}
         for name, _ in self.named_parameters():
-            merged = next((m for m in mergeable if f".{m}." in name), None)
+            merged = next((m for m in shards if f".{m}." in name), None)
             if merged:
-                names.update(f"{name}#{i}" for i in range(mergeable[merged]))
+                names.update(f"{name}#{i}" for i in shards[merged])
             else:
                 names.add(name)
         if getattr(self.config, "tie_word_embeddings", False):
