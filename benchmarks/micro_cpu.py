@@ -82,8 +82,9 @@ def decode_scheduler(num_reqs: int, caching: bool) -> Scheduler:
     """num_reqs requests of 128 prompt tokens, stepped until all of them are decoding."""
     sc = SchedulerConfig(max_num_seqs=num_reqs, max_num_batched_tokens=8192)
     sc.finalize(4096)
-    sched = Scheduler(sc, CacheConfig(block_size=16, enable_prefix_caching=caching),
-                      num_blocks=num_reqs * 256, max_model_len=4096)
+    cc = CacheConfig(block_size=16, enable_prefix_caching=caching)
+    cc.num_gpu_blocks = num_reqs * 256
+    sched = Scheduler(sc, cc)
     for i in range(num_reqs):
         prompt = [(i * 131 + j) % VOCAB for j in range(128)]
         sched.add_request(Request(str(i), prompt, SamplingParams(max_tokens=3000), arrival_time=0.0))
@@ -241,7 +242,7 @@ TINY_QWEN3 = {
 
 def bench_engine_step(repeats: int) -> None:
     """Where one decode step's time goes with a model so small that the rest shows."""
-    from folovllm.config import EngineArgs
+    from folovllm.engine.arg_utils import EngineArgs
     from folovllm.engine.llm_engine import LLMEngine
 
     print("engine_step (tiny dummy Qwen3: 2 layers, hidden 64, vocab 151936; 256 requests decoding, greedy)")
@@ -254,7 +255,8 @@ def bench_engine_step(repeats: int) -> None:
     params = SamplingParams(temperature=0.0, max_tokens=1000, ignore_eos=True)
     for i in range(256):
         engine.add_request(None, {"prompt_token_ids": [(i * 7 + j) % 1000 for j in range(32)]}, params)
-    sched, runner, out_proc = engine.scheduler, engine.executor, engine.output_processor
+    core = engine.engine_core
+    sched, runner, out_proc = core.scheduler, core.executor, engine.output_processor
     while sched.waiting or any(r.num_computed_tokens < r.num_prompt_tokens for r in sched.running):
         engine.step()
     parts: dict[str, list[float]] = {k: [] for k in ("schedule", "execute_model", "update_from_output",

@@ -39,14 +39,14 @@ def main() -> None:
             engine.add_request(f"b{batch}-{i}", {"prompt_token_ids": ids},
                                SamplingParams(max_tokens=args.steps + 40, ignore_eos=True, temperature=args.temperature),
                                stream=False)
-        while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.requests.values()):
+        while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.engine_core.scheduler.requests.values()):
             engine.step()
         for _ in range(5):
             engine.step()
         if args.phases or args.kernels:
             print(f"\n===== batch {batch}: {'phases' if args.phases else 'kernels'} of a decode step")
             (phases if args.phases else kernels)(engine, args.steps)
-            engine.abort_request(list(engine.scheduler.requests))
+            engine.abort_request(list(engine.engine_core.scheduler.requests))
             engine.step()
             continue
         torch.cuda.synchronize()
@@ -63,14 +63,14 @@ def main() -> None:
         s = io.StringIO()
         pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(18)
         print(f"\n===== batch {batch}: {per_step:.3f} ms per decode step (graphs: "
-              f"{bool(engine.executor.worker.model_runner.graphs)})")
+              f"{bool(engine.engine_core.executor.driver_worker.model_runner.graphs)})")
         print("\n".join(s.getvalue().splitlines()[:45]))
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                 torch.profiler.ProfilerActivity.CUDA]) as tp:
             for _ in range(5):
                 engine.step()
         print(tp.key_averages().table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=60))
-        engine.abort_request(list(engine.scheduler.requests))
+        engine.abort_request(list(engine.engine_core.scheduler.requests))
         engine.step()
 
 
@@ -80,12 +80,12 @@ def phases(engine, steps: int) -> None:
     """One step split into its phases: host time of each, and the GPU time of the forward and
     sampling, measured with CUDA events."""
     import collections
-    runner = engine.executor.worker.model_runner
+    runner = engine.engine_core.executor.driver_worker.model_runner
     acc = collections.defaultdict(float)
     for _ in range(steps):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        so = engine.scheduler.schedule()
+        so = engine.engine_core.scheduler.schedule()
         t1 = time.perf_counter()
         start, mid, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
         start.record()
@@ -93,13 +93,14 @@ def phases(engine, steps: int) -> None:
         mid.record()
         t2 = time.perf_counter()
         logits = runner.model.compute_logits(hidden)
-        out = StepOutput(runner, list(so.num_scheduled_tokens))
+        out = StepOutput(list(so.num_scheduled_tokens), runner.input_batch.num_removals)
         runner._sample(logits, step, out)
         runner._unread.append(out)
-        result = out.get()  # ends with the host sync
+        result = out.result()  # ends with the host sync
+        runner.read_all_outputs()
         end.record()
         t3 = time.perf_counter()
-        core = engine.scheduler.update_from_output(so, result)
+        core = engine.engine_core.scheduler.update_from_output(so, result)
         t4 = time.perf_counter()
         engine.output_processor.process(core)
         t5 = time.perf_counter()

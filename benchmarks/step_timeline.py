@@ -26,7 +26,7 @@ def main() -> None:
     engine = llm.llm_engine
     reqs = throughput_workload(args.num_prompts)
     log: list[tuple[int, int, bool, float]] = []
-    inner = engine.scheduler.schedule
+    inner = engine.engine_core.scheduler.schedule
 
     def schedule():  # record what each step ran: tokens, requests, pure decode?
         so = inner()
@@ -40,11 +40,11 @@ def main() -> None:
         return llm.generate(prompts, params, use_tqdm=False)
 
     run(reqs[:8])
-    engine.scheduler.schedule = schedule
+    engine.engine_core.scheduler.schedule = schedule
     t0 = time.perf_counter()
     run(reqs)
     wall = time.perf_counter() - t0
-    engine.scheduler.schedule = inner
+    engine.engine_core.scheduler.schedule = inner
     ends = [t for *_, t in log[1:]] + [t0 + wall]
     buckets: dict[str, list] = collections.defaultdict(lambda: [0, 0.0, 0])
     for (tokens, n, decode, start), end in zip(log, ends):

@@ -28,12 +28,12 @@ print(out.outputs[0].text)
 print(f"[{len(out.outputs[0].token_ids)} tokens, finish_reason={out.outputs[0].finish_reason}, "
       f"TTFT {out.metrics.time_to_first_token * 1000:.0f} ms]")
 
-# ...is this loop: queue a request, step until it finishes, reading partial outputs as they come.
-engine.add_request("streamed", args.prompt, params)
+# ...is this loop: queue a request, then step the engine until it finishes, reading partial
+# outputs as they come (iter_outputs calls engine.step() and yields this request's outputs).
+req_id = engine.add_request("streamed", args.prompt, params)
 printed = 0
-while engine.has_unfinished_requests():
-    for o in engine.step():
-        text = o.outputs[0].text
-        print(text[printed:], end="", flush=True)
-        printed = len(text)
+for o in engine.iter_outputs([req_id]):
+    text = o.outputs[0].text
+    print(text[printed:], end="", flush=True)
+    printed = len(text)
 print()

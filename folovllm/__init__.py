@@ -1,7 +1,7 @@
 """FoloVLLM: a compact LLM inference engine laid out like vLLM v1."""
 
-from folovllm.config import (CacheConfig, EngineArgs, EngineConfig, ModelConfig, ParallelConfig,
-                             SchedulerConfig)
+from folovllm.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from folovllm.engine.arg_utils import EngineArgs
 from folovllm.engine.llm_engine import LLMEngine
 from folovllm.entrypoints.llm import LLM
 from folovllm.outputs import CompletionOutput, RequestMetrics, RequestOutput

@@ -1,13 +1,14 @@
-"""Engine configuration as dataclasses, validated when they are built.
+"""Engine configuration as dataclasses, validated and resolved when they are built.
 
-Field names follow vLLM so that a vLLM user can pass the same keywords. `EngineArgs` is the flat
-set of keywords that `LLM(...)`, `LLMEngine.from_engine_args` and the command line accept; it
-splits them into the typed configs below.
+Field names follow vLLM so that a vLLM user can pass the same keywords. Building a `ModelConfig`
+resolves the model's facts once (the local path, the HF config, max_model_len, the quantization
+method); building an `EngineConfig` resolves what depends on the device (dtype, the token budget,
+async scheduling). Every constructor downstream takes these configs, never loose copies of their
+fields. `EngineArgs` (folovllm/engine/arg_utils.py) is derived from the fields below.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -23,6 +24,7 @@ _DTYPES = {
 }
 
 LoadFormat = Literal["auto", "safetensors", "gguf", "dummy"]
+DEFAULT_CPU_KV_CACHE_GIB = 4.0
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -30,24 +32,38 @@ def _check(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
+def _help(text: str) -> dict:
+    """Field metadata: the command line's help for the flag of this field."""
+    return {"help": text}
+
+
 @dataclass
 class ModelConfig:
     """What model to run and how to read it.
 
-    `model` is an HF folder (config.json + safetensors), a .gguf file, or the name of a model
-    FoloVLLM knows how to fetch (see folovllm.assets). The HF config itself is read later by the
-    loader (`hf_config`), so that building a ModelConfig never touches the disk.
-    """
+    `model` is an HF folder (config.json + safetensors), a .gguf file, a hub id, or the name of a
+    model FoloVLLM knows how to fetch (see folovllm.assets). Construction resolves it to a local
+    path and reads the HF config; the results are `hf_config`, `max_model_len` (an int),
+    `quantization` (the method name or None) and `hf_quant_config`. `dtype` becomes a torch.dtype
+    once the device is known (EngineConfig)."""
 
-    model: str
-    tokenizer: str | None = None
-    dtype: str | torch.dtype = "auto"
+    model: str = field(metadata=_help("HF folder, .gguf file, hub id, or a known model name"))
+    tokenizer: str | None = field(default=None, metadata=_help("tokenizer folder (default: the model's)"))
+    dtype: str | torch.dtype = field(default="auto", metadata=_help(
+        "auto (float32 on CPU, the checkpoint's on GPU), float32, float16 or bfloat16"))
     trust_remote_code: bool = False
-    max_model_len: int | None = None
-    seed: int = 0
-    load_format: LoadFormat = "auto"
+    max_model_len: int | None = field(default=None, metadata=_help(
+        "longest prompt + output (default: the model's max_position_embeddings)"))
+    seed: int = field(default=0, metadata=_help("seeds the engine (dummy weights, unseeded sampling)"))
+    load_format: LoadFormat = field(default="auto", metadata=_help("auto, safetensors, gguf or dummy"))
     skip_tokenizer_init: bool = False
     hf_overrides: dict[str, Any] | None = None
+    quantization: str | None = field(default=None, metadata=_help(
+        "quantization method (default: the checkpoint's quantization_config)"))
+
+    # Resolved in __post_init__.
+    hf_config: Any = field(init=False, repr=False, default=None)
+    hf_quant_config: dict | None = field(init=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
         _check(isinstance(self.model, str) and self.model != "",
@@ -58,12 +74,56 @@ class ModelConfig:
         else:
             _check(self.dtype in _DTYPES.values(),
                    f"ModelConfig.dtype must be float32, float16 or bfloat16, got {self.dtype}")
-        _check(self.max_model_len is None or self.max_model_len >= 1,
-               f"ModelConfig.max_model_len must be >= 1, got {self.max_model_len}")
+        _check(self.max_model_len is None or (isinstance(self.max_model_len, int) and self.max_model_len >= 1),
+               f"ModelConfig.max_model_len must be an int >= 1, got {self.max_model_len!r}")
         _check(self.load_format in ("auto", "safetensors", "gguf", "dummy"),
                f"ModelConfig.load_format must be auto, safetensors, gguf or dummy, got {self.load_format!r}")
+        from folovllm.assets import resolve_model
+        from folovllm.model_executor.model_loader import load_hf_config
 
-    def resolve_dtype(self, device: torch.device, config_dtype: torch.dtype | None) -> torch.dtype:
+        self.model = resolve_model(self.model)
+        if self.tokenizer is not None:
+            self.tokenizer = resolve_model(self.tokenizer)
+        self.hf_config = load_hf_config(self)
+        self.max_model_len = self._resolve_max_model_len()
+        self._resolve_quantization()
+
+    def _resolve_max_model_len(self) -> int:
+        limit = getattr(self.hf_config, "max_position_embeddings", None)
+        if self.max_model_len is None:
+            if limit is None:
+                raise ValueError("the model config has no max_position_embeddings; pass max_model_len")
+            return limit
+        if limit is not None and self.max_model_len > limit:
+            raise ValueError(f"max_model_len ({self.max_model_len}) is larger than the model's "
+                             f"max_position_embeddings ({limit}); lower max_model_len")
+        return self.max_model_len
+
+    def _resolve_quantization(self) -> None:
+        """The method named by config.json's quantization_config, or by the user; an unknown
+        method, or a user choice that contradicts the checkpoint, is a clear error."""
+        hf_quant = getattr(self.hf_config, "quantization_config", None)
+        if hf_quant is not None and not isinstance(hf_quant, dict):
+            hf_quant = hf_quant.to_dict() if hasattr(hf_quant, "to_dict") else dict(vars(hf_quant))
+        checkpoint_method = hf_quant.get("quant_method") if hf_quant else None
+        if self.quantization is not None and checkpoint_method is not None \
+                and self.quantization.lower() != str(checkpoint_method).lower():
+            raise ValueError(f"quantization={self.quantization!r} was asked for, but the checkpoint at "
+                             f"{self.model} is quantized with {checkpoint_method!r}; leave quantization "
+                             "unset to use the checkpoint's method")
+        method = self.quantization or checkpoint_method
+        if method is None:
+            return
+        from folovllm.model_executor.layers.quantization import get_quantization_config_cls
+        get_quantization_config_cls(str(method).lower())  # raises for an unknown method
+        self.quantization = str(method).lower()
+        self.hf_quant_config = hf_quant
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf_config.vocab_size
+
+    def resolve_dtype(self, device: torch.device) -> torch.dtype:
         """'auto' is float32 on CPU (bf16 matmuls are several times slower on most CPUs) and the
         checkpoint's dtype on a GPU (bfloat16 when the checkpoint does not say, or says float32)."""
         if isinstance(self.dtype, torch.dtype):
@@ -72,8 +132,10 @@ class ModelConfig:
             return _DTYPES[self.dtype]
         if device.type == "cpu":
             return torch.float32
-        if config_dtype in (torch.float16, torch.bfloat16):
-            return config_dtype
+        from folovllm.model_executor.model_loader import config_dtype
+        checkpoint = config_dtype(self.hf_config)
+        if checkpoint in (torch.float16, torch.bfloat16):
+            return checkpoint
         return torch.bfloat16
 
 
@@ -83,14 +145,19 @@ class CacheConfig:
 
     On a GPU the number of blocks comes from a memory profile: what is left of
     `gpu_memory_utilization` x total memory once weights and activations are in. On a CPU it comes
-    from `cpu_kv_cache_space_gib`. `num_gpu_blocks_override` fixes the count on either.
-    """
+    from `cpu_kv_cache_space_gib` (default: $FOLOVLLM_CPU_KVCACHE_SPACE, else 4).
+    `num_gpu_blocks_override` fixes the count on either. The engine records the count it chose in
+    `num_gpu_blocks`."""
 
-    block_size: int = 16
-    gpu_memory_utilization: float = 0.9
-    num_gpu_blocks_override: int | None = None
-    cpu_kv_cache_space_gib: float = 4.0
+    block_size: int = field(default=16, metadata=_help("tokens per KV-cache block"))
+    gpu_memory_utilization: float = field(default=0.9, metadata=_help(
+        "share of GPU memory for weights, activations and the KV cache"))
+    num_gpu_blocks_override: int | None = field(default=None, metadata=_help("fix the number of KV blocks"))
+    cpu_kv_cache_space_gib: float | None = field(default=None, metadata=_help(
+        f"KV-cache size on CPU, GiB (default: $FOLOVLLM_CPU_KVCACHE_SPACE or {DEFAULT_CPU_KV_CACHE_GIB:g})"))
     enable_prefix_caching: bool = False
+
+    num_gpu_blocks: int | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         _check(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128),
@@ -99,6 +166,12 @@ class CacheConfig:
                f"CacheConfig.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         _check(self.num_gpu_blocks_override is None or self.num_gpu_blocks_override >= 1,
                f"CacheConfig.num_gpu_blocks_override must be >= 1, got {self.num_gpu_blocks_override}")
+        if self.cpu_kv_cache_space_gib is None:
+            env = os.environ.get("FOLOVLLM_CPU_KVCACHE_SPACE")
+            try:
+                self.cpu_kv_cache_space_gib = float(env) if env else DEFAULT_CPU_KV_CACHE_GIB
+            except ValueError:
+                raise ValueError(f"FOLOVLLM_CPU_KVCACHE_SPACE must be a number of GiB, got {env!r}") from None
         _check(self.cpu_kv_cache_space_gib > 0,
                f"CacheConfig.cpu_kv_cache_space_gib must be > 0, got {self.cpu_kv_cache_space_gib}")
 
@@ -109,58 +182,84 @@ class SchedulerConfig:
     tokens in one step. With chunked prefill a prompt longer than the token budget is computed over
     several steps; without it a prompt must fit the budget whole."""
 
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None
+    max_num_seqs: int = field(default=256, metadata=_help("most requests in one step"))
+    max_num_batched_tokens: int | None = field(default=None, metadata=_help(
+        "token budget of one step (default: 8192, or max_model_len without chunked prefill)"))
     enable_chunked_prefill: bool = True
     # Plan step N+1 while step N runs on the device, so the host's scheduling and output
     # processing overlap the GPU. None: on for CUDA devices, off on the CPU (where the forward
     # pass runs on the same cores and there is nothing to overlap).
-    async_scheduling: bool | None = None
+    async_scheduling: bool | None = field(default=None, metadata=_help(
+        "plan the next step while the device runs this one (default: on CUDA, off on CPU)"))
+
+    # Set by finalize() from the model config.
+    max_model_len: int | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         _check(self.max_num_seqs >= 1, f"SchedulerConfig.max_num_seqs must be >= 1, got {self.max_num_seqs}")
         _check(self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1,
                f"SchedulerConfig.max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        self._asked_batched_tokens = self.max_num_batched_tokens
 
-    def finalize(self, max_model_len: int) -> None:
-        """Fill the token budget once max_model_len is known and check the two agree."""
-        if self.max_num_batched_tokens is None:
-            self.max_num_batched_tokens = 8192 if self.enable_chunked_prefill else max(8192, max_model_len)
-        if not self.enable_chunked_prefill and self.max_num_batched_tokens < max_model_len:
+    def finalize(self, max_model_len: int, device_type: str = "cpu") -> None:
+        """Fill the token budget and async scheduling once the model and device are known, and
+        check the budget and max_model_len agree."""
+        self.max_model_len = max_model_len
+        budget = self._asked_batched_tokens
+        if budget is None:
+            budget = 8192 if self.enable_chunked_prefill else max(8192, max_model_len)
+        if not self.enable_chunked_prefill and budget < max_model_len:
             raise ValueError(
-                f"max_num_batched_tokens ({self.max_num_batched_tokens}) is smaller than max_model_len "
+                f"max_num_batched_tokens ({budget}) is smaller than max_model_len "
                 f"({max_model_len}) with chunked prefill off, so a long prompt could never be scheduled; "
                 "raise max_num_batched_tokens, lower max_model_len, or enable chunked prefill")
-        _check(self.max_num_batched_tokens >= self.max_num_seqs or self.enable_chunked_prefill,
+        _check(budget >= self.max_num_seqs or self.enable_chunked_prefill,
                "max_num_batched_tokens must be >= max_num_seqs")
+        self.max_num_batched_tokens = budget
+        if self.async_scheduling is None:
+            self.async_scheduling = device_type == "cuda"
 
 
 @dataclass
 class ParallelConfig:
-    tensor_parallel_size: int = 1
+    """How the model is spread over devices. The engine process holds the scheduler; each of
+    `tensor_parallel_size` workers holds 1/N of every layer (folovllm/distributed)."""
+
+    tensor_parallel_size: int = field(default=1, metadata=_help("number of GPUs (workers) a model is split over"))
 
     def __post_init__(self) -> None:
-        _check(self.tensor_parallel_size == 1,
-               "tensor_parallel_size > 1 is not supported yet; use tensor_parallel_size=1")
+        _check(isinstance(self.tensor_parallel_size, int) and self.tensor_parallel_size >= 1,
+               f"ParallelConfig.tensor_parallel_size must be an int >= 1, got {self.tensor_parallel_size!r}")
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size
 
 
 @dataclass
 class EngineConfig:
+    """Every config of one engine, resolved together: construction fixes the device, the model's
+    dtype on it, the scheduler's token budget and async scheduling."""
+
     model_config: ModelConfig
     cache_config: CacheConfig = field(default_factory=CacheConfig)
     scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel_config: ParallelConfig = field(default_factory=ParallelConfig)
-    device: str = "auto"
-    attention_backend: str = "auto"
-    enforce_eager: bool = False
+    device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N"))
+    attention_backend: str = field(default="auto", metadata=_help("auto, torch (reference) or triton (GPU)"))
+    enforce_eager: bool = field(default=False, metadata=_help("no CUDA graphs"))
 
     def __post_init__(self) -> None:
-        _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+        _check(isinstance(self.device, str) and (self.device in ("auto", "cpu", "cuda")
+                                                 or self.device.startswith("cuda:")),
                f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
         _check(self.attention_backend in ("auto", "torch", "triton"),
                f"attention_backend must be 'auto', 'torch' or 'triton', got {self.attention_backend!r}")
+        self._torch_device = self._resolve_device()
+        self.model_config.dtype = self.model_config.resolve_dtype(self._torch_device)
+        self.scheduler_config.finalize(self.model_config.max_model_len, self._torch_device.type)
 
-    def torch_device(self) -> torch.device:
+    def _resolve_device(self) -> torch.device:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dev = torch.device(self.device)
@@ -168,61 +267,5 @@ class EngineConfig:
             raise ValueError("device='cuda' was asked for but no CUDA device is visible; use device='cpu'")
         return dev
 
-
-@dataclass
-class EngineArgs:
-    """Every engine keyword by its vLLM name, as `LLM(model=..., **kwargs)` takes them."""
-
-    model: str
-    tokenizer: str | None = None
-    dtype: str = "auto"
-    trust_remote_code: bool = False
-    max_model_len: int | None = None
-    seed: int = 0
-    load_format: str = "auto"
-    skip_tokenizer_init: bool = False
-    hf_overrides: dict[str, Any] | None = None
-    block_size: int = 16
-    gpu_memory_utilization: float = 0.9
-    num_gpu_blocks_override: int | None = None
-    cpu_kv_cache_space_gib: float | None = None
-    enable_prefix_caching: bool = False
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None
-    enable_chunked_prefill: bool = True
-    async_scheduling: bool | None = None
-    tensor_parallel_size: int = 1
-    device: str = "auto"
-    attention_backend: str = "auto"
-    enforce_eager: bool = False
-
-    @classmethod
-    def from_kwargs(cls, **kwargs: Any) -> "EngineArgs":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(kwargs) - names)
-        if unknown:
-            raise TypeError(f"unknown engine argument(s) {unknown}; known ones are {sorted(names)}")
-        return cls(**kwargs)
-
-    def create_engine_config(self) -> EngineConfig:
-        cpu_space = self.cpu_kv_cache_space_gib
-        if cpu_space is None:
-            cpu_space = float(os.environ.get("FOLOVLLM_CPU_KVCACHE_SPACE", 4))
-        return EngineConfig(
-            model_config=ModelConfig(
-                model=self.model, tokenizer=self.tokenizer, dtype=self.dtype,
-                trust_remote_code=self.trust_remote_code, max_model_len=self.max_model_len,
-                seed=self.seed, load_format=self.load_format,  # type: ignore[arg-type]
-                skip_tokenizer_init=self.skip_tokenizer_init, hf_overrides=self.hf_overrides),
-            cache_config=CacheConfig(
-                block_size=self.block_size, gpu_memory_utilization=self.gpu_memory_utilization,
-                num_gpu_blocks_override=self.num_gpu_blocks_override,
-                cpu_kv_cache_space_gib=cpu_space, enable_prefix_caching=self.enable_prefix_caching),
-            scheduler_config=SchedulerConfig(
-                max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
-                enable_chunked_prefill=self.enable_chunked_prefill, async_scheduling=self.async_scheduling),
-            parallel_config=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size),
-            device=self.device,
-            attention_backend=self.attention_backend,
-            enforce_eager=self.enforce_eager,
-        )
+    def torch_device(self) -> torch.device:
+        return self._torch_device

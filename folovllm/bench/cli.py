@@ -10,19 +10,8 @@ import argparse
 import json
 from pathlib import Path
 
-from folovllm.bench.workloads import parse_range
-from folovllm.entrypoints.cli import add_engine_args, engine_args_from
-
-BENCH_MODEL = "benchmarks/configs/qwen3-0.6b"
-
-
-def default_bench_model() -> str:
-    """The bench config relative to the working directory (the repo root), else to the checkout
-    this package lives in."""
-    if Path(BENCH_MODEL).exists():
-        return BENCH_MODEL
-    return str(Path(__file__).resolve().parents[2] / BENCH_MODEL)
-
+from folovllm.bench.workloads import default_bench_model, parse_range
+from folovllm.engine.arg_utils import add_cli_args, from_cli_args
 
 def _batch_sizes(text: str) -> list[int]:
     sizes = [int(s) for s in text.split(",") if s]
@@ -40,7 +29,7 @@ def _write(result: dict, path: str | None) -> None:
 def cmd_throughput(ns: argparse.Namespace) -> int:
     from folovllm.bench import throughput
 
-    result = throughput.run(ns, engine_args_from(ns))
+    result = throughput.run(ns, from_cli_args(ns))
     print(throughput.report(result))
     _write(result, ns.output_json)
     return 0
@@ -49,7 +38,7 @@ def cmd_throughput(ns: argparse.Namespace) -> int:
 def cmd_latency(ns: argparse.Namespace) -> int:
     from folovllm.bench import latency
 
-    result = latency.run(ns, engine_args_from(ns))
+    result = latency.run(ns, from_cli_args(ns))
     print(latency.report(result))
     _write(result, ns.output_json)
     return 0
@@ -117,7 +106,7 @@ def register(subparsers) -> None:
     tp.add_argument("--hf-max-memory-percent", type=float, default=0.6,
                     help="share of free GPU memory the hf backend's KV cache may take (see hf_peer.py)")
     tp.add_argument("--output-json", default=None)
-    add_engine_args(tp, default_model=default_bench_model())
+    add_cli_args(tp, default_model=default_bench_model())
     tp.set_defaults(func=cmd_throughput, load_format="dummy")
 
     lat = sub.add_parser("latency", help="TTFT and TPOT per batch size")
@@ -129,7 +118,7 @@ def register(subparsers) -> None:
     lat.add_argument("--num-iters", type=int, default=5)
     lat.add_argument("--num-iters-warmup", type=int, default=1)
     lat.add_argument("--output-json", default=None)
-    add_engine_args(lat, default_model=default_bench_model())
+    add_cli_args(lat, default_model=default_bench_model())
     lat.set_defaults(func=cmd_latency, load_format="dummy")
 
     table = sub.add_parser("table", help="print one table from the JSON results of bench runs")

@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="config folder (default: the bench Qwen3-0.6B config)")
     p.add_argument("--output-json", default=None)
     ns = p.parse_args(argv)
-    from folovllm.bench.cli import default_bench_model
+    from folovllm.bench.workloads import default_bench_model
 
     gpu = ns.device.startswith("cuda")
     dtype = getattr(torch, ns.dtype) if ns.dtype else (torch.bfloat16 if gpu else torch.float32)

@@ -13,7 +13,7 @@ import numpy as np
 from folovllm.bench.floor import device_name
 from folovllm.bench.throughput import resolve_target
 from folovllm.bench.workloads import TOKEN_ID_LIMIT, random_prompts
-from folovllm.config import EngineArgs
+from folovllm.engine.arg_utils import EngineArgs
 
 
 def _folovllm(ns, engine_args: EngineArgs, limit: int) -> tuple[dict, float]:

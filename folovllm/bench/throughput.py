@@ -10,7 +10,7 @@ import torch
 
 from folovllm.bench.floor import ModelShape, describe, measure_ceilings, workload_floor
 from folovllm.bench.workloads import TOKEN_ID_LIMIT, BenchRequest, throughput_workload
-from folovllm.config import EngineArgs
+from folovllm.engine.arg_utils import EngineArgs
 
 FULL_WORKLOAD_PROMPTS = 256
 WARMUP_PROMPTS, WARMUP_TOKENS = 8, 16
@@ -19,15 +19,9 @@ WARMUP_PROMPTS, WARMUP_TOKENS = 8, 16
 def resolve_target(engine_args: EngineArgs):
     """(model path, HF config, device, dtype) as the engine will resolve them, so that the peer
     and the floor use the same model, device and dtype as the engine."""
-    from folovllm.assets import resolve_model
-    from folovllm.model_executor.model_loader import config_dtype, load_hf_config
-
     config = engine_args.create_engine_config()
     mc = config.model_config
-    mc.model = resolve_model(mc.model)
-    hf_config = load_hf_config(mc)
-    device = config.torch_device()
-    return mc.model, hf_config, device, mc.resolve_dtype(device, config_dtype(hf_config))
+    return mc.model, mc.hf_config, config.torch_device(), mc.dtype
 
 
 def warmup_requests(requests: list[BenchRequest]) -> list[BenchRequest]:
@@ -54,9 +48,9 @@ def run_folovllm(engine_args: EngineArgs, requests: list[BenchRequest], temperat
     outs = call(requests)  # returns once every token is back on the host: no sync needed
     wall = time.perf_counter() - t0
     return dict(wall_s=wall, output_lens=[len(o.outputs[0].token_ids) for o in outs], startup_s=startup,
-                settings=dict(num_kv_blocks=llm.llm_engine.num_blocks,
+                settings=dict(num_kv_blocks=llm.llm_engine.config.cache_config.num_gpu_blocks,
                               async_scheduling=llm.llm_engine.async_scheduling,
-                              num_preemptions=llm.llm_engine.scheduler.num_preemptions,
+                              num_preemptions=llm.llm_engine.engine_core.stats().num_preemptions,
                               attention_backend=engine_args.attention_backend,
                               enforce_eager=engine_args.enforce_eager))
 

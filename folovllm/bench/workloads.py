@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -50,3 +51,14 @@ def parse_range(text: str) -> tuple[int, int]:
     if len(parts) != 2 or not 1 <= parts[0] <= parts[1]:
         raise ValueError(f"a length range is LO,HI with 1 <= LO <= HI, got {text!r}")
     return parts[0], parts[1]
+
+
+BENCH_MODEL = "benchmarks/configs/qwen3-0.6b"
+
+
+def default_bench_model() -> str:
+    """The bench config relative to the working directory (the repo root), else to the checkout
+    this package lives in."""
+    if Path(BENCH_MODEL).exists():
+        return BENCH_MODEL
+    return str(Path(__file__).resolve().parents[2] / BENCH_MODEL)

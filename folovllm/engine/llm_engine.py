@@ -1,88 +1,72 @@
-"""LLMEngine: requests in, one step at a time, RequestOutputs out.
+"""LLMEngine = Processor + EngineCore + OutputProcessor, stepped by its caller.
 
-    step = schedule -> execute on the model runner -> update the scheduler -> detokenize
+    add_request: prompt -> Processor (validate, tokenize) -> Request -> EngineCore
+    step:        EngineCore.step() -> per-request token news -> OutputProcessor -> RequestOutputs
+
+Every loop that drives the engine to completion (LLM.generate, generate_batch, the command line)
+goes through `iter_outputs`.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
-import logging
 import time
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
-from folovllm.config import CacheConfig, EngineArgs, EngineConfig, ModelConfig, SchedulerConfig
-from folovllm.core.sched.scheduler import Scheduler
+from folovllm.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from folovllm.engine.core import EngineCore
 from folovllm.engine.output_processor import OutputProcessor
 from folovllm.engine.processor import Processor, PromptType
-from folovllm.executor.uniproc import UniprocExecutor
-from folovllm.model_executor.model_loader import load_format_of, load_hf_config
+from folovllm.engine.tokenizer import load_tokenizer
+from folovllm.logger import init_logger
 from folovllm.outputs import RequestOutput
 from folovllm.request import RequestStatus
 from folovllm.sampling_params import SamplingParams
 
-logger = logging.getLogger(__name__)
+logger = init_logger(__name__)
 
 
 class LLMEngine:
     def __init__(self, config: EngineConfig | ModelConfig, scheduler_config: SchedulerConfig | None = None,
                  cache_config: CacheConfig | None = None, device: str | None = None, **engine_kwargs: Any) -> None:
-        if isinstance(config, ModelConfig):
-            config = EngineConfig(model_config=config, **engine_kwargs)
-        elif engine_kwargs:
-            raise TypeError(f"pass {sorted(engine_kwargs)} inside the EngineConfig")
-        if scheduler_config is not None:
-            config.scheduler_config = scheduler_config
-        if cache_config is not None:
-            config.cache_config = cache_config
-        if device is not None:
-            config.device = device
-            config.__post_init__()
-        self.config = config
         t0 = time.perf_counter()
-
-        mc = config.model_config
-        from folovllm.assets import resolve_model
-        mc.model = resolve_model(mc.model)
-        self.hf_config = load_hf_config(mc)
-        self.max_model_len = self._max_model_len(mc, self.hf_config)
-        config.scheduler_config.finalize(self.max_model_len)
-        self.tokenizer = None if mc.skip_tokenizer_init else load_tokenizer(mc)
-
-        self.executor = UniprocExecutor(config, self.hf_config, self.max_model_len)
-        self.num_blocks = self.executor.determine_num_blocks()
-        self.executor.initialize_cache(self.num_blocks)
-        self.scheduler = Scheduler(config.scheduler_config, config.cache_config, self.num_blocks, self.max_model_len)
-        self.processor = Processor(self.tokenizer, self.max_model_len, self.hf_config.vocab_size,
-                                   eos_token_ids(mc, self.hf_config, self.tokenizer))
+        overrides = dict(engine_kwargs)
+        if scheduler_config is not None:
+            overrides["scheduler_config"] = scheduler_config
+        if cache_config is not None:
+            overrides["cache_config"] = cache_config
+        if device is not None:
+            overrides["device"] = device
+        if isinstance(config, ModelConfig):
+            config = EngineConfig(model_config=config, **overrides)
+        elif overrides:
+            import dataclasses
+            config = dataclasses.replace(config, **overrides)  # resolves again for the new settings
+        self.config = config
+        self.model_config = config.model_config
+        self.tokenizer = load_tokenizer(config.model_config)
+        self.processor = Processor(config.model_config, self.tokenizer)
         self.output_processor = OutputProcessor(self.tokenizer)
-        sc = config.scheduler_config
-        self.async_scheduling = (sc.async_scheduling if sc.async_scheduling is not None
-                                 else config.torch_device().type == "cuda")
-        # (scheduler output, runner handle) of the step on the device whose output is unread.
-        self._in_flight: tuple | None = None
+        self.engine_core = EngineCore(config)
         self._request_counter = itertools.count()
-        self.startup_times = dict(self.executor.worker.startup_times, total=time.perf_counter() - t0)
-        logger.info("engine ready: %d KV blocks of %d tokens, max_model_len %d, start-up %s",
-                    self.num_blocks, config.cache_config.block_size, self.max_model_len,
-                    {k: round(v, 2) for k, v in self.startup_times.items()})
+        self.startup_times = dict(self.engine_core.startup_times, total=time.perf_counter() - t0)
+        logger.info("engine ready in %.1f s: %d KV blocks of %d tokens, max_model_len %d, %s on %s",
+                    self.startup_times["total"], config.cache_config.num_gpu_blocks,
+                    config.cache_config.block_size, self.max_model_len, config.model_config.dtype,
+                    config.torch_device())
 
     @classmethod
-    def from_engine_args(cls, engine_args: EngineArgs) -> "LLMEngine":
+    def from_engine_args(cls, engine_args) -> "LLMEngine":
         return cls(engine_args.create_engine_config())
 
-    @staticmethod
-    def _max_model_len(mc: ModelConfig, hf_config) -> int:
-        limit = getattr(hf_config, "max_position_embeddings", None)
-        if mc.max_model_len is None:
-            if limit is None:
-                raise ValueError("the model config has no max_position_embeddings; pass max_model_len")
-            return limit
-        if limit is not None and mc.max_model_len > limit:
-            raise ValueError(f"max_model_len ({mc.max_model_len}) is larger than the model's "
-                             f"max_position_embeddings ({limit}); lower max_model_len")
-        return mc.max_model_len
+    @property
+    def max_model_len(self) -> int:
+        return self.model_config.max_model_len
+
+    @property
+    def async_scheduling(self) -> bool:
+        return self.engine_core.async_scheduling
 
     # ---- requests ----------------------------------------------------------------------
 
@@ -96,8 +80,8 @@ class LLMEngine:
         if request_id in self.output_processor.states:
             raise ValueError(f"request id {request_id!r} is already in use")
         request = self.processor.process(request_id, prompt, params or SamplingParams(), arrival_time)
-        self.scheduler.add_request(request)
         self.output_processor.add_request(request, stream)
+        self.engine_core.add_request(request)
         return request_id
 
     def add_requests(self, prompts: list[PromptType],
@@ -119,45 +103,45 @@ class LLMEngine:
 
     def abort_request(self, request_ids: str | list[str]) -> None:
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
-        self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
+        self.engine_core.abort_requests(ids)
+        self.engine_core.process_inbox()  # this caller also steps the core: free the blocks now
         for req_id in ids:
             self.output_processor.abort(req_id)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.engine_core.has_unfinished_requests()
 
     def get_num_unfinished_requests(self) -> int:
-        return self.scheduler.get_num_unfinished_requests()
+        return self.engine_core.get_num_unfinished_requests()
 
     # ---- the step ----------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Schedule and run one step; return the outputs of the step that finished.
+        """One engine-core step; the RequestOutputs it produced (see EngineCore.step for why,
+        with async scheduling, they are those of the step before)."""
+        core = self.engine_core.step()
+        processed = self.output_processor.process(core.outputs, core.first_scheduled)
+        self.engine_core.finish_requests(processed.stopped, RequestStatus.FINISHED_STOPPED)
+        self.engine_core.finish_requests(processed.failed, RequestStatus.FINISHED_ERROR)
+        self.engine_core.process_inbox()
+        return processed.outputs
 
-        With async scheduling the step just scheduled is left running on the device and the
-        outputs returned are those of the step before it, processed while the new one runs (so
-        outputs arrive one step late, and a request ended by EOS or a stop string may have had
-        one more row computed and discarded)."""
-        scheduler_output = self.scheduler.schedule()
-        now = time.monotonic()
-        for req_id in scheduler_output.num_scheduled_tokens:
-            state = self.output_processor.states.get(req_id)
-            if state is not None and state.metrics.first_scheduled_time is None:
-                state.metrics.first_scheduled_time = now
-        if not self.async_scheduling:
-            return self._process(scheduler_output, self.executor.execute_model(scheduler_output))
-        handle = self.executor.execute_model(scheduler_output, non_block=True)
-        previous, self._in_flight = self._in_flight, (scheduler_output, handle)
-        if previous is None:
-            return []
-        return self._process(previous[0], previous[1].get())
-
-    def _process(self, scheduler_output, runner_output) -> list[RequestOutput]:
-        core_outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
-        outputs, stopped = self.output_processor.process(core_outputs)
-        if stopped:
-            self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
-        return outputs
+    def iter_outputs(self, request_ids: list[str]) -> Iterator[RequestOutput]:
+        """Step until every request in request_ids has finished, yielding each output of theirs
+        as it comes (the text so far of streamed requests, then each final one). The one loop
+        that drives the engine to completion. If the consumer stops early or raises, the
+        requests still unfinished are aborted."""
+        pending = set(request_ids)
+        try:
+            while pending:
+                for out in self.step():
+                    if out.request_id in pending:
+                        if out.finished:
+                            pending.discard(out.request_id)
+                        yield out
+        finally:
+            if pending:
+                self.abort_request(sorted(pending))
 
     # ---- the original plan's convenience API -----------------------------------------------
 
@@ -170,48 +154,8 @@ class LLMEngine:
         """All prompts together, continuously batched. Returns {request_id: final output} in
         prompt order."""
         ids = self.add_requests(prompts, params)
-        final: dict[str, RequestOutput] = {}
-        pending = set(ids)
-        while pending:
-            for out in self.step():
-                if out.finished and out.request_id in pending:
-                    final[out.request_id] = out
-                    pending.discard(out.request_id)
+        final = {out.request_id: out for out in self.iter_outputs(ids) if out.finished}
         return {i: final[i] for i in ids}
 
-
-def load_tokenizer(mc: ModelConfig):
-    """transformers' tokenizer for the model (or the one a GGUF file carries). A folder with no
-    tokenizer files gives None: the engine then runs on token ids."""
-    from transformers import AutoTokenizer
-
-    path = mc.tokenizer or mc.model
-    if path.endswith(".gguf"):
-        from folovllm.model_executor.model_loader.gguf_loader import load_gguf_tokenizer
-        return load_gguf_tokenizer(path)
-    if mc.tokenizer is None and not _has_tokenizer_files(Path(path)):
-        logger.warning("%s has no tokenizer files: prompts must be token ids", path)
-        return None
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=mc.trust_remote_code)
-
-
-def _has_tokenizer_files(folder: Path) -> bool:
-    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-    return any((folder / n).exists() for n in names)
-
-
-def eos_token_ids(mc: ModelConfig, hf_config, tokenizer) -> set[int]:
-    """EOS ids as transformers' generate would use them: generation_config.json first, then the
-    model config, then the tokenizer."""
-    ids: Any = None
-    if load_format_of(mc) != "gguf":
-        gen = Path(mc.model) / "generation_config.json"
-        if gen.exists():
-            ids = json.loads(gen.read_text()).get("eos_token_id")
-    if ids is None:
-        ids = getattr(hf_config, "eos_token_id", None)
-    if ids is None and tokenizer is not None:
-        ids = tokenizer.eos_token_id
-    if ids is None:
-        return set()
-    return {ids} if isinstance(ids, int) else set(ids)
+    def shutdown(self) -> None:
+        self.engine_core.shutdown()

@@ -9,7 +9,10 @@ from dataclasses import dataclass, field
 from folovllm.core.sched.scheduler import EngineCoreOutput
 from folovllm.engine.detokenizer import IncrementalDetokenizer
 from folovllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from folovllm.logger import init_logger
 from folovllm.request import Request
+
+logger = init_logger(__name__)
 
 
 @dataclass
@@ -24,6 +27,13 @@ class RequestState:
     num_detokenized: int = 0
     logprobs: list[dict[int, float]] | None = None
     cumulative_logprob: float | None = None
+
+
+@dataclass
+class ProcessedOutputs:
+    outputs: list[RequestOutput] = field(default_factory=list)
+    stopped: list[str] = field(default_factory=list)   # ended by a stop string
+    failed: list[str] = field(default_factory=list)    # processing raised
 
 
 class OutputProcessor:
@@ -42,51 +52,73 @@ class OutputProcessor:
     def abort(self, request_id: str) -> None:
         self.states.pop(request_id, None)
 
-    def has_unfinished(self) -> bool:
-        return bool(self.states)
-
-    def process(self, core_outputs: list[EngineCoreOutput]) -> tuple[list[RequestOutput], list[str]]:
-        """Returns the outputs, and the ids of requests a stop string ended (the scheduler must
-        stop them too)."""
+    def process(self, core_outputs: list[EngineCoreOutput],
+                first_scheduled: dict[str, float] | None = None) -> ProcessedOutputs:
+        """The RequestOutputs of one step, and the requests the core must end: those a stop
+        string ended, and those whose processing raised (each fails alone, finish_reason
+        'error'; the rest of the batch carries on)."""
         now = time.monotonic()
-        outputs, stopped_by_string = [], []
+        result = ProcessedOutputs()
+        for req_id, t in (first_scheduled or {}).items():
+            state = self.states.get(req_id)
+            if state is not None and state.metrics.first_scheduled_time is None:
+                state.metrics.first_scheduled_time = t
         for co in core_outputs:
             state = self.states.get(co.req_id)
             if state is None:
                 continue
-            metrics = state.metrics
-            if metrics.first_token_time is None and co.new_token_ids:
-                metrics.first_token_time = now
-            metrics.last_token_time = now
-            state.output_token_ids.extend(co.new_token_ids)
-            if state.logprobs is not None and co.new_logprobs:
-                for tok, lp in zip(co.new_token_ids, co.new_logprobs):
-                    state.logprobs.append(lp)
-                    state.cumulative_logprob += lp.get(tok, 0.0)
-            finish_reason, stop_reason = co.finish_reason, co.stop_reason
-            finished = finish_reason is not None
-            if not (state.stream or finished or state.request.sampling_params.stop):
-                continue
-            stop_str = state.detokenizer.update(state.output_token_ids[state.num_detokenized:])
-            state.num_detokenized = len(state.output_token_ids)
-            if stop_str is None and finish_reason is not None:
-                stop_str = state.detokenizer.finish()  # release text held back for a partial character
-            if stop_str is not None:
-                if finish_reason is None:
-                    stopped_by_string.append(co.req_id)
-                finish_reason, stop_reason = "stop", stop_str
-            finished = finish_reason is not None
-            if not (state.stream or finished):
-                continue
-            if finished:
-                metrics.finished_time = now
-                del self.states[co.req_id]
-            req = state.request
-            completion = CompletionOutput(
-                index=0, text=state.detokenizer.output_text, token_ids=list(state.output_token_ids),
-                cumulative_logprob=state.cumulative_logprob,
-                logprobs=None if state.logprobs is None else list(state.logprobs),
-                finish_reason=finish_reason, stop_reason=stop_reason)
-            outputs.append(RequestOutput(req.request_id, req.prompt, req.prompt_token_ids,
-                                         [completion], finished, metrics))
-        return outputs, stopped_by_string
+            try:
+                out = self._process_one(state, co, now, result.stopped)
+            except Exception:
+                logger.exception("request %s failed in output processing; ending it", co.req_id)
+                result.failed.append(co.req_id)
+                out = self._finished_with_error(state, now)
+            if out is not None:
+                result.outputs.append(out)
+        return result
+
+    def _finished_with_error(self, state: RequestState, now: float) -> RequestOutput:
+        state.metrics.finished_time = now
+        self.states.pop(state.request.request_id, None)
+        req = state.request
+        completion = CompletionOutput(index=0, text=state.detokenizer.output_text,
+                                      token_ids=list(state.output_token_ids), finish_reason="error")
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [completion], True, state.metrics)
+
+    def _process_one(self, state: RequestState, co: EngineCoreOutput, now: float,
+                     stopped_by_string: list[str]) -> RequestOutput | None:
+        metrics = state.metrics
+        if metrics.first_token_time is None and co.new_token_ids:
+            metrics.first_token_time = now
+        metrics.last_token_time = now
+        state.output_token_ids.extend(co.new_token_ids)
+        if state.logprobs is not None and co.new_logprobs:
+            for tok, lp in zip(co.new_token_ids, co.new_logprobs):
+                state.logprobs.append(lp)
+                state.cumulative_logprob += lp.get(tok, 0.0)
+        finish_reason, stop_reason = co.finish_reason, co.stop_reason
+        finished = finish_reason is not None
+        if not (state.stream or finished or state.request.sampling_params.stop):
+            return None
+        stop_str = state.detokenizer.update(state.output_token_ids[state.num_detokenized:])
+        state.num_detokenized = len(state.output_token_ids)
+        if stop_str is None and finish_reason is not None:
+            stop_str = state.detokenizer.finish()  # release text held back for a partial character
+        if stop_str is not None:
+            if finish_reason is None:
+                stopped_by_string.append(co.req_id)
+            finish_reason, stop_reason = "stop", stop_str
+        finished = finish_reason is not None
+        if not (state.stream or finished):
+            return None
+        if finished:
+            metrics.finished_time = now
+            del self.states[co.req_id]
+        req = state.request
+        completion = CompletionOutput(
+            index=0, text=state.detokenizer.output_text, token_ids=list(state.output_token_ids),
+            cumulative_logprob=state.cumulative_logprob,
+            logprobs=None if state.logprobs is None else list(state.logprobs),
+            finish_reason=finish_reason, stop_reason=stop_reason)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids,
+                             [completion], finished, metrics)

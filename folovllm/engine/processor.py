@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 from typing import Any, Union
 
+from folovllm.config import ModelConfig
+from folovllm.engine.tokenizer import eos_token_ids
 from folovllm.request import Request
 from folovllm.sampling_params import SamplingParams
 
@@ -12,11 +14,11 @@ PromptType = Union[str, list[int], dict[str, Any]]
 
 
 class Processor:
-    def __init__(self, tokenizer, max_model_len: int, vocab_size: int, eos_token_ids: set[int]) -> None:
+    def __init__(self, model_config: ModelConfig, tokenizer) -> None:
         self.tokenizer = tokenizer
-        self.max_model_len = max_model_len
-        self.vocab_size = vocab_size
-        self.eos_token_ids = eos_token_ids
+        self.max_model_len = model_config.max_model_len
+        self.vocab_size = model_config.vocab_size
+        self.eos_token_ids = eos_token_ids(model_config, tokenizer)
 
     def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
@@ -50,6 +52,7 @@ class Processor:
             raise ValueError(f"prompt token id {bad} is outside the model's vocabulary [0, {self.vocab_size})")
         # Each request owns its params: the engine adds this model's EOS ids to them.
         params = copy.copy(params)
+        params.verify()  # fields may have been changed since construction
         params.all_stop_token_ids = set(params.stop_token_ids)
         params.update_from_generation_config(self.eos_token_ids)
         return Request(request_id, token_ids, params, arrival_time, prompt=text)

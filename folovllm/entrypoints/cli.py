@@ -3,39 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import logging
 import sys
 import time
-import typing
 
-from folovllm.config import EngineArgs
+from folovllm.engine.arg_utils import add_cli_args, from_cli_args
+from folovllm.entrypoints.chat_utils import apply_chat_template
+from folovllm.logger import set_level
 from folovllm.sampling_params import SamplingParams
-
-
-def add_engine_args(parser: argparse.ArgumentParser, default_model: str | None = None) -> None:
-    """One flag per EngineArgs field, named as vLLM's (--max-model-len, --block-size, ...)."""
-    hints = typing.get_type_hints(EngineArgs)
-    for f in dataclasses.fields(EngineArgs):
-        flag = "--" + f.name.replace("_", "-")
-        if f.name == "model":
-            from folovllm.assets import DEFAULT_MODEL
-            parser.add_argument(flag, default=default_model or DEFAULT_MODEL,
-                                help="HF folder, .gguf file, or a known model name (default: %(default)s)")
-            continue
-        hint = hints[f.name]
-        if f.name == "hf_overrides":
-            continue
-        base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
-        if base is bool:  # bool, or bool | None where None means "the engine decides"
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-            continue
-        parser.add_argument(flag, type=base if base in (int, float, str) else str, default=f.default)
-
-
-def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
-    names = {f.name for f in dataclasses.fields(EngineArgs)}
-    return EngineArgs(**{k: v for k, v in vars(ns).items() if k in names})
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -60,41 +34,50 @@ def stream(engine, prompt, params: SamplingParams, out=None):
     """Run one request, writing its text as it grows (to stdout unless `out` is given). Returns
     the final RequestOutput."""
     out = out or sys.stdout  # looked up per call: stdout may be replaced after import
-    req_id = engine.add_request(None, prompt, params)
     printed = 0
     final = None
-    while final is None:
-        for o in engine.step():
-            if o.request_id != req_id:
-                continue
-            text = o.outputs[0].text
-            out.write(text[printed:])
-            out.flush()
-            printed = len(text)
-            if o.finished:
-                final = o
+    for o in engine.iter_outputs([engine.add_request(None, prompt, params)]):
+        text = o.outputs[0].text
+        out.write(text[printed:])
+        out.flush()
+        printed = len(text)
+        final = o
     out.write("\n")
     return final
 
 
 def chat_prompt(engine, messages: list[dict[str, str]]) -> dict:
-    tok = engine.tokenizer
-    if tok is None or not getattr(tok, "chat_template", None):
-        raise ValueError("this model has no chat template; leave out --chat / use `folovllm generate`")
-    ids = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
-    if hasattr(ids, "keys"):  # transformers 5 may return a BatchEncoding
-        ids = ids["input_ids"]
-    return {"prompt_token_ids": list(ids)}
+    try:
+        return {"prompt_token_ids": apply_chat_template(engine.tokenizer, messages)}
+    except ValueError as e:
+        if "chat template" in str(e) or "tokenizer" in str(e):
+            raise ValueError(f"{e}; leave out --chat / use `folovllm generate`") from e
+        raise
+
+
+DEFAULT_PROMPT = "def quicksort(arr):"
+
+
+def prompts_from_stdin() -> list[str]:
+    """Without --prompt: the whole of standard input as one prompt when it is a pipe or a file,
+    the built-in example prompt when it is a terminal (said on stderr, so it is no surprise)."""
+    if sys.stdin is not None and not sys.stdin.isatty():
+        text = sys.stdin.read()
+        if not text.strip():
+            raise ValueError("standard input is empty; pass --prompt TEXT or pipe the prompt in")
+        return [text]
+    print(f"[no --prompt given: using {DEFAULT_PROMPT!r}]", file=sys.stderr)
+    return [DEFAULT_PROMPT]
 
 
 def cmd_generate(ns: argparse.Namespace) -> int:
     from folovllm.engine.llm_engine import LLMEngine
 
     t0 = time.perf_counter()
-    engine = LLMEngine.from_engine_args(engine_args_from(ns))
+    engine = LLMEngine.from_engine_args(from_cli_args(ns))
     load_s = time.perf_counter() - t0
     params = sampling_params_from(ns)
-    prompts = ns.prompt or ["def quicksort(arr):"]
+    prompts = ns.prompt or prompts_from_stdin()
     for prompt in prompts:
         if len(prompts) > 1 or ns.echo:
             sys.stdout.write(prompt if ns.echo else f"--- {prompt!r}\n")
@@ -111,9 +94,8 @@ def cmd_generate(ns: argparse.Namespace) -> int:
 def cmd_chat(ns: argparse.Namespace) -> int:
     from folovllm.engine.llm_engine import LLMEngine
 
-    engine = LLMEngine.from_engine_args(engine_args_from(ns))
-    if engine.tokenizer is None or not getattr(engine.tokenizer, "chat_template", None):
-        raise ValueError("this model has no chat template; use `folovllm generate`")
+    engine = LLMEngine.from_engine_args(from_cli_args(ns))
+    chat_prompt(engine, [{"role": "user", "content": "hi"}])  # fails now if the model cannot chat
     params = sampling_params_from(ns)
     messages = [{"role": "system", "content": ns.system}] if ns.system else []
     print("Chat with the model. Empty line or Ctrl-D to quit, /reset to start over.", file=sys.stderr)
@@ -136,21 +118,22 @@ def cmd_chat(ns: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="folovllm", description="FoloVLLM: a compact LLM inference engine")
-    parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument("--log-level", default="INFO", help="of FoloVLLM's own messages (default: %(default)s)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="complete one or more prompts, streaming the text")
-    gen.add_argument("--prompt", action="append", help="prompt text (repeatable)")
+    gen.add_argument("--prompt", action="append",
+                     help="prompt text (repeatable); without it, standard input is the prompt")
     gen.add_argument("--echo", action="store_true", help="print the prompt before its completion")
     gen.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
     add_sampling_args(gen)
-    add_engine_args(gen)
+    add_cli_args(gen)
     gen.set_defaults(func=cmd_generate)
 
     chat = sub.add_parser("chat", help="an interactive chat through the model's chat template")
     chat.add_argument("--system", default=None, help="system prompt")
     add_sampling_args(chat)
-    add_engine_args(chat)
+    add_cli_args(chat)
     chat.set_defaults(func=cmd_chat, temperature=0.7, top_p=0.8, max_tokens=512)
 
     from folovllm.bench.cli import register as register_bench
@@ -160,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
-    logging.basicConfig(level=ns.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    set_level(ns.log_level)
     try:
         return ns.func(ns)
     except (ValueError, FileNotFoundError) as e:

@@ -7,7 +7,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from folovllm.config import EngineArgs
+from folovllm.engine.arg_utils import EngineArgs
+from folovllm.entrypoints.chat_utils import apply_chat_template
 from folovllm.engine.llm_engine import LLMEngine
 from folovllm.engine.processor import PromptType
 from folovllm.outputs import RequestOutput
@@ -32,22 +33,17 @@ class LLM:
         return self._run_engine(self.llm_engine.add_requests(list(prompts), params), use_tqdm)
 
     def _run_engine(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
-        engine = self.llm_engine
         final: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(ids), desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm)
         num_out_tokens = 0
         try:
-            while len(final) < len(ids):
-                for out in engine.step():
-                    if out.finished:
-                        final[out.request_id] = out
-                        num_out_tokens += len(out.outputs[0].token_ids)
-                        bar.update(1)
-                        elapsed = bar.format_dict["elapsed"] or 1e-9
-                        bar.set_postfix_str(f"output {num_out_tokens / elapsed:.1f} tok/s", refresh=False)
-        except BaseException:
-            engine.abort_request([i for i in ids if i not in final])
-            raise
+            for out in self.llm_engine.iter_outputs(ids):
+                if out.finished:
+                    final[out.request_id] = out
+                    num_out_tokens += len(out.outputs[0].token_ids)
+                    bar.update(1)
+                    elapsed = bar.format_dict["elapsed"] or 1e-9
+                    bar.set_postfix_str(f"output {num_out_tokens / elapsed:.1f} tok/s", refresh=False)
         finally:
             bar.close()
         return [final[i] for i in ids]
@@ -58,15 +54,8 @@ class LLM:
              **template_kwargs: Any) -> list[RequestOutput]:
         """One conversation (a list of {"role", "content"} dicts) or several, through the
         tokenizer's chat template."""
-        tokenizer = self.get_tokenizer()
-        if tokenizer is None:
-            raise ValueError("chat needs a tokenizer, and this model was loaded without one")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = []
-        for conv in conversations:
-            ids = tokenizer.apply_chat_template(conv, tokenize=True, add_generation_prompt=add_generation_prompt,
-                                                chat_template=chat_template, **template_kwargs)
-            if hasattr(ids, "keys"):  # transformers 5 may return a BatchEncoding
-                ids = ids["input_ids"]
-            prompts.append({"prompt_token_ids": list(ids)})
+        prompts = [{"prompt_token_ids": apply_chat_template(
+            self.get_tokenizer(), conv, add_generation_prompt=add_generation_prompt,
+            chat_template=chat_template, **template_kwargs)} for conv in conversations]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)

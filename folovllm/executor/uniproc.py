@@ -1,23 +1,22 @@
-"""Runs the one worker in this process. Tensor parallelism replaces this with an executor that
-drives a worker per rank; the engine sees the same three calls."""
+"""The one-device executor: a single worker in this process."""
 
 from __future__ import annotations
 
-from folovllm.config import EngineConfig
+from typing import Any
+
 from folovllm.core.sched.output import SchedulerOutput
+from folovllm.executor.abstract import Executor
 from folovllm.worker.worker import Worker
 
 
-class UniprocExecutor:
-    def __init__(self, config: EngineConfig, hf_config, max_model_len: int) -> None:
-        self.worker = Worker(config, hf_config, max_model_len)
+class UniprocExecutor(Executor):
+    def _init_executor(self) -> None:
+        self.driver_worker = Worker(self.config, rank=0, local_rank=0)
+        self.driver_worker.init_device()
+        self.driver_worker.load_model()
 
-    def determine_num_blocks(self) -> int:
-        return self.worker.determine_num_blocks()
-
-    def initialize_cache(self, num_blocks: int) -> None:
-        self.worker.initialize_cache(num_blocks)
+    def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None) -> list[Any]:
+        return [getattr(self.driver_worker, method)(*args, **(kwargs or {}))]
 
     def execute_model(self, scheduler_output: SchedulerOutput, non_block: bool = False):
-        """The step's ModelRunnerOutput, or with non_block=True a handle whose get() returns it."""
-        return self.worker.execute_model(scheduler_output, non_block)
+        return self.driver_worker.execute_model(scheduler_output, non_block)

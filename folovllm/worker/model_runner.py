@@ -27,6 +27,7 @@ from torch import nn
 
 from folovllm.attention.backends.abstract import AttentionMetadata
 from folovllm.attention.layer import Attention
+from folovllm.config import EngineConfig
 from folovllm.core.sched.output import ModelRunnerOutput, SchedulerOutput
 from folovllm.sample.metadata import build_sampling_metadata
 from folovllm.sample.sampler import Sampler
@@ -46,25 +47,26 @@ def default_graph_batch_sizes(max_num_seqs: int) -> list[int]:
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, device: torch.device, block_size: int, vocab_size: int,
-                 max_num_reqs: int, max_model_len: int, max_num_tokens: int,
-                 use_cuda_graph: bool = False) -> None:
+    def __init__(self, config: EngineConfig, model: nn.Module, device: torch.device) -> None:
+        sc = config.scheduler_config
+        max_num_reqs, max_model_len = sc.max_num_seqs, config.model_config.max_model_len
+        max_num_tokens = max(sc.max_num_batched_tokens, sc.max_num_seqs)
         self.model = model
         self.device = device
-        self.block_size = block_size
-        self.vocab_size = vocab_size
+        self.dtype = config.model_config.dtype
+        self.block_size = block_size = config.cache_config.block_size
+        self.vocab_size = config.model_config.vocab_size
         self.max_num_reqs = max_num_reqs
         self.max_num_tokens = max_num_tokens
         self.sampler = Sampler()
         self.input_batch = InputBatch(max_num_reqs, max_model_len, block_size)
         self.attn_layers = [m for m in model.modules() if isinstance(m, Attention)]
-        self.use_cuda_graph = use_cuda_graph and device.type == "cuda" and all(
+        self.use_cuda_graph = not config.enforce_eager and device.type == "cuda" and all(
             getattr(layer.impl, "supports_cuda_graph", False) for layer in self.attn_layers)
         # (pure decode?, padded token count) -> graph
         self.graphs: dict[tuple[bool, int], torch.cuda.CUDAGraph] = {}
         self.mixed_graph_reqs = min(MIXED_GRAPH_MAX_REQS, max_num_reqs)
         self.graph_hidden: torch.Tensor | None = None
-        self.kv_caches: list[torch.Tensor] = []
 
         # Persistent device buffers: a captured graph reads exactly these addresses. Pinned host
         # twins make the per-step copies asynchronous.
@@ -92,10 +94,10 @@ class ModelRunner:
         self._prev_index = np.full(max_num_reqs, -1, dtype=np.int64)
         self._unread: list[StepOutput] = []
 
-    def initialize_kv_cache(self, num_blocks: int, dtype: torch.dtype) -> None:
+    def initialize_kv_cache(self, num_blocks: int) -> None:
         """One [2, num_blocks, block_size, KVH, D] tensor per layer, bound to its attention layer.
         Zeroed: masked-out slots are still read, and 0 * NaN from stale memory would be NaN."""
-        self.kv_caches = []
+        dtype = self.dtype
         for layer in self.attn_layers:
             shape = (2, num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
             if self.device.type == "cpu" and dtype == torch.float32:
@@ -105,7 +107,6 @@ class ModelRunner:
             else:
                 cache = torch.zeros(shape, dtype=dtype, device=self.device)
             layer.kv_cache = cache
-            self.kv_caches.append(cache)
 
     # ---- state -------------------------------------------------------------------------
 
@@ -113,6 +114,12 @@ class ModelRunner:
         batch = self.input_batch
         for req_id in so.finished_req_ids:
             batch.remove_request(req_id)
+        for req_id in so.preempted_req_ids:
+            # Its recompute reads every token from the host: no input may come from a sample
+            # still in flight.
+            row = batch.req_id_to_index.get(req_id)
+            if row is not None:
+                self._prev_index[row] = -1
         for new in so.scheduled_new_reqs:
             params = new.sampling_params
             generator = None
@@ -120,6 +127,8 @@ class ModelRunner:
                 generator = torch.Generator(device=self.device).manual_seed(params.seed)
             batch.add_request(new.req_id, new.prompt_token_ids, params, new.block_ids,
                               new.num_computed_tokens, generator)
+        if any(c.resumed_from_preemption for c in so.scheduled_cached_reqs):
+            self.read_all_outputs()  # a recompute reads every token of the request from the host
         for cached in so.scheduled_cached_reqs:
             row = batch.req_id_to_index[cached.req_id]
             batch.set_blocks(row, cached.new_block_ids, replace=cached.resumed_from_preemption)
@@ -217,15 +226,17 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute_model(self, so: SchedulerOutput, non_block: bool = False) -> "ModelRunnerOutput | StepOutput":
-        """Run one step. Returns its output, or with non_block=True a StepOutput whose get()
+        """Run one step. Returns its output, or with non_block=True a StepOutput whose result()
         waits for it (the GPU work is queued; nothing has synchronised yet)."""
+        self._record_arrived()
         if so.total_num_scheduled_tokens == 0:
+            self.read_all_outputs()  # nothing runs now: nothing to overlap with
             self._update_states(so)
             out = StepOutput.ready(ModelRunnerOutput([], []))
         else:
             hidden, step = self.forward(so)
             t = len(step.input_ids)
-            out = StepOutput(self, list(so.num_scheduled_tokens))
+            out = StepOutput(list(so.num_scheduled_tokens), self.input_batch.num_removals)
             if len(step.sampling_rows):
                 if len(step.logits_indices) == t:  # every row samples (pure decode): no gather
                     logits = self.model.compute_logits(hidden)
@@ -234,7 +245,10 @@ class ModelRunner:
                     logits = self.model.compute_logits(hidden[idx])
                 self._sample(logits, step, out)
             self._unread.append(out)
-        return out if non_block else out.get()
+        if non_block:
+            return out
+        self.read_all_outputs()
+        return out.result()
 
     def _sample(self, logits: torch.Tensor, step: StepInputs, out: "StepOutput") -> None:
         batch = self.input_batch
@@ -259,8 +273,33 @@ class ModelRunner:
 
     def read_all_outputs(self) -> None:
         """Wait for every step still in flight and record its tokens (in step order)."""
-        for out in list(self._unread):
-            out.get()
+        while self._unread:
+            self._record(self._unread[0])
+
+    def _record_arrived(self) -> None:
+        """Record the tokens of every step but the newest, oldest first (by now the engine has
+        read them, so they have arrived). The newest stays pending even if its tokens are back:
+        the next step's inputs take them on the device, the same path whatever the device's
+        timing, so a CPU run exercises what a GPU run does."""
+        while len(self._unread) > 1:
+            self._record(self._unread[0])
+
+    def _record(self, out: StepOutput) -> None:
+        """Append a step's sampled tokens to the InputBatch rows of their requests (unless a
+        request left meanwhile: its row may hold another one by now)."""
+        assert out is self._unread[0], "steps are recorded in order"
+        self._unread.pop(0)
+        out.recorded = True
+        if out._sampled is None:
+            return
+        rows, sampling_rows, ids_np = out.sampled_rows()
+        batch = self.input_batch
+        if batch.num_removals != out.removals:
+            owners = [out.req_ids[i] for i in sampling_rows.tolist()]
+            keep = np.fromiter((batch.req_id_to_index.get(o) == r for o, r in zip(owners, rows.tolist())),
+                               dtype=bool, count=len(rows))
+            rows, ids_np = rows[keep], ids_np[keep]
+        batch.append_tokens(rows, ids_np, pending=True)
 
     # ---- start-up ----------------------------------------------------------------------
 
@@ -331,20 +370,23 @@ class ModelRunner:
 
 class StepOutput:
     """One step's result, ready once the device has finished it. The sampled ids (and logprobs)
-    are copied to pinned host memory behind the step's work and an event marks their arrival;
-    get() waits for that event, appends the tokens to the runner's InputBatch (unless the request
-    left it meanwhile) and returns the ModelRunnerOutput. Idempotent."""
+    are copied to pinned host memory behind the step's work and an event marks their arrival.
+    result() waits for that event and returns the ModelRunnerOutput (idempotent); it changes
+    nothing in the runner, so the engine may call it from anywhere. The runner itself records
+    the tokens in its InputBatch (ModelRunner._record) once they have arrived."""
 
-    def __init__(self, runner: ModelRunner | None, req_ids: list[str]) -> None:
-        self.runner = runner
+    def __init__(self, req_ids: list[str], removals: int = 0) -> None:
         self.req_ids = req_ids
+        self.removals = removals  # InputBatch.num_removals when the step was sampled
         self._sampled = None
         self._result: ModelRunnerOutput | None = None
+        self.recorded = False
 
     @classmethod
     def ready(cls, result: ModelRunnerOutput) -> "StepOutput":
-        out = cls(None, result.req_ids)
+        out = cls(result.req_ids)
         out._result = result
+        out.recorded = True
         return out
 
     def set_sampled(self, rows: np.ndarray, sampling_rows: np.ndarray, params: list, sampled) -> None:
@@ -355,28 +397,24 @@ class StepOutput:
         if cuda:
             event = torch.cuda.Event()
             event.record()
-        self._sampled = (rows, sampling_rows, params, host, event, self.runner.input_batch.num_removals)
+        self._sampled = (rows, sampling_rows, params, host, event)
 
-    def get(self) -> ModelRunnerOutput:
+    def sampled_rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(InputBatch rows, step rows, sampled ids) once arrived; for the runner's records."""
+        self.result()
+        rows, sampling_rows, _, (ids, _, _), _ = self._sampled
+        return rows, sampling_rows, ids.numpy()
+
+    def result(self) -> ModelRunnerOutput:
         if self._result is not None:
             return self._result
-        runner = self.runner
         sampled: list[list[int]] = [[] for _ in self.req_ids]
         logprobs = None
         if self._sampled is not None:
-            rows, sampling_rows, params, (ids, lp_ids, lp_vals), event, removals = self._sampled
+            rows, sampling_rows, params, (ids, lp_ids, lp_vals), event = self._sampled
             if event is not None:
                 event.synchronize()   # the one host sync of the step
-            ids_np = ids.numpy()
-            batch = runner.input_batch
-            if batch.num_removals == removals:
-                batch.append_tokens(rows, ids_np, pending=True)
-            else:  # a request that left (its row may hold another one by now) gets nothing
-                owners = [self.req_ids[i] for i in sampling_rows.tolist()]
-                keep = np.fromiter((batch.req_id_to_index.get(o) == r for o, r in zip(owners, rows.tolist())),
-                                   dtype=bool, count=len(rows))
-                batch.append_tokens(rows[keep], ids_np[keep], pending=True)
-            for i, tok in zip(sampling_rows.tolist(), ids_np.tolist()):
+            for i, tok in zip(sampling_rows.tolist(), ids.tolist()):
                 sampled[i] = [tok]
             if lp_ids is not None:
                 logprobs = [None] * len(sampled)
@@ -385,5 +423,4 @@ class StepOutput:
                     if p.logprobs is not None:
                         logprobs[i] = [dict(zip(lp_ids[j][:p.logprobs + 1], lp_vals[j][:p.logprobs + 1]))]
         self._result = ModelRunnerOutput(req_ids=self.req_ids, sampled_token_ids=sampled, logprobs=logprobs)
-        runner._unread.remove(self)
         return self._result

@@ -49,7 +49,7 @@ def generate(model_dir, prompts, **kwargs):
 
 def test_triton_with_cuda_graphs_agrees_with_transformers(model_dir, prompts, hf_model):
     llm, ours = generate(model_dir, prompts, attention_backend="triton")
-    assert llm.llm_engine.executor.worker.model_runner.graphs, "CUDA graphs were not captured"
+    assert llm.llm_engine.engine_core.executor.driver_worker.model_runner.graphs, "CUDA graphs were not captured"
     agree = total = 0
     for prompt, toks in zip(prompts, ours):
         # Teacher-forced: transformers' top-1 at every position of our sequence.
@@ -67,8 +67,9 @@ def test_first_step_logits_match_transformers(model_dir, prompts, hf_model):
     engine = llm.llm_engine
     prompt = prompts[3]
     engine.add_request("r", {"prompt_token_ids": prompt}, SamplingParams(max_tokens=1))
-    runner = engine.executor.worker.model_runner
-    hidden, _ = runner.forward(engine.scheduler.schedule())
+    runner = engine.engine_core.executor.driver_worker.model_runner
+    engine.engine_core.process_inbox()
+    hidden, _ = runner.forward(engine.engine_core.scheduler.schedule())
     with torch.inference_mode():
         ours = runner.model.compute_logits(hidden).float()
         ref = hf_model(torch.tensor([prompt], device="cuda")).logits[0].float()

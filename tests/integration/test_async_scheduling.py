@@ -30,11 +30,11 @@ def summary(outs) -> list:
 def assert_all_free(engine: LLMEngine) -> None:
     assert not engine.has_unfinished_requests()
     engine.step()  # the runner drops the last finished requests' state
-    pool = engine.scheduler.kv_cache_manager.block_pool
+    pool = engine.engine_core.scheduler.kv_cache_manager.block_pool
     assert pool.get_num_free_blocks() == pool.num_blocks
-    runner = engine.executor.worker.model_runner
+    runner = engine.engine_core.executor.driver_worker.model_runner
     assert not runner.input_batch.req_id_to_index and not runner._unread
-    assert all(r.num_output_placeholders == 0 for r in engine.scheduler.requests.values())
+    assert all(r.num_output_placeholders == 0 for r in engine.engine_core.scheduler.requests.values())
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_same_tokens_as_sync(engines, kind):
     sync, asyn = engines
     expect = summary(run(sync, ps))
     assert [len(t) for t, _, _ in expect] == MAX_TOKENS
-    scheduler = asyn.llm_engine.scheduler
+    scheduler = asyn.llm_engine.engine_core.scheduler
     inner, counted = scheduler.schedule, []
     scheduler.schedule = lambda: counted.append(inner()) or counted[-1]
     try:
@@ -112,7 +112,7 @@ def test_preemption(tiny_models):
     expect = summary(run(make(path, False), ps))
     tight = make(path, True, num_gpu_blocks_override=8)
     assert summary(run(tight, ps)) == expect
-    assert tight.llm_engine.scheduler.num_preemptions > 0
+    assert tight.llm_engine.engine_core.scheduler.num_preemptions > 0
     assert_all_free(tight.llm_engine)
 
 
@@ -139,7 +139,7 @@ def test_outputs_lag_one_step_and_abort_in_flight(engines):
     engine.add_request("b", {"prompt_token_ids": [8, 9]}, SamplingParams(temperature=0.0, max_tokens=30,
                                                                         ignore_eos=True))
     assert engine.step() == []                       # the prefill is queued, nothing is back yet
-    assert len(engine.executor.worker.model_runner._unread) == 1
+    assert len(engine.engine_core.executor.driver_worker.model_runner._unread) == 1
     first = engine.step()                            # the prefill's tokens, while step 2 runs
     assert sorted(o.request_id for o in first) == ["a", "b"]
     assert all(len(o.outputs[0].token_ids) == 1 for o in first)

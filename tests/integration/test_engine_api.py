@@ -20,9 +20,9 @@ def ids(*xs):
 
 
 def test_configs_reach_the_engine(engine):
-    assert engine.scheduler.max_num_seqs == 4
-    assert engine.scheduler.max_num_batched_tokens == 32
-    assert engine.scheduler.block_size == 8
+    assert engine.engine_core.scheduler.max_num_seqs == 4
+    assert engine.engine_core.scheduler.max_num_batched_tokens == 32
+    assert engine.engine_core.scheduler.block_size == 8
     assert engine.max_model_len == 128
 
 
@@ -53,9 +53,9 @@ def test_step_streams_growing_outputs_and_abort_frees_blocks(engine):
     assert [o.request_id for o in finals] == ["keep"] and finals[0].finished
     assert not engine.has_unfinished_requests()
     engine.step()  # the runner drops the finished requests' state
-    pool = engine.scheduler.kv_cache_manager.block_pool
+    pool = engine.engine_core.scheduler.kv_cache_manager.block_pool
     assert pool.get_num_free_blocks() == pool.num_blocks
-    assert not engine.executor.worker.model_runner.input_batch.req_id_to_index
+    assert not engine.engine_core.executor.driver_worker.model_runner.input_batch.req_id_to_index
 
 
 def test_metrics_are_ordered(engine):

@@ -56,8 +56,9 @@ def test_prompt_logits_match_hf(tiny_models, arch):
     engine = llm.llm_engine
     [prompt] = random_prompts([33], seed=3)
     engine.add_request("r", {"prompt_token_ids": prompt}, SamplingParams(max_tokens=1))
-    runner = engine.executor.worker.model_runner
-    hidden, _ = runner.forward(engine.scheduler.schedule())
+    runner = engine.engine_core.executor.driver_worker.model_runner
+    engine.engine_core.process_inbox()
+    hidden, _ = runner.forward(engine.engine_core.scheduler.schedule())
     with torch.inference_mode():
         ours = runner.model.compute_logits(hidden)
         ref = hf(torch.tensor([prompt])).logits[0]
@@ -95,7 +96,7 @@ def test_preemption_gives_same_tokens_and_frees_every_block(tiny_models):
 
     tight = LLM(path, block_size=8, max_model_len=64, num_gpu_blocks_override=10)
     outs = tight.generate(as_inputs(prompts), params, use_tqdm=False)
-    sched = tight.llm_engine.scheduler
+    sched = tight.llm_engine.engine_core.scheduler
     assert sched.num_preemptions > 0
     assert [o.outputs[0].token_ids for o in outs] == expected
     assert expected[0] == hf_greedy(hf, prompts[0], 10)

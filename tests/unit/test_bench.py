@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from folovllm.bench.cli import default_bench_model
+from folovllm.bench.workloads import default_bench_model
 from folovllm.entrypoints.cli import main
 from folovllm.bench.floor import Ceilings, ModelShape, measure_ceilings, workload_floor
 from folovllm.bench.workloads import parse_range, throughput_workload

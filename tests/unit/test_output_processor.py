@@ -27,9 +27,10 @@ def run(stream: bool, params: SamplingParams, tokens: list[int]):
     seen, stopped = [], []
     for i, t in enumerate(tokens):
         last = i == len(tokens) - 1
-        outs, stop = proc.process([EngineCoreOutput("r", [t], finish_reason="length" if last else None)])
+        result = proc.process([EngineCoreOutput("r", [t], finish_reason="length" if last else None)])
+        outs = result.outputs
         seen += outs
-        stopped += stop
+        stopped += result.stopped
         if outs and outs[-1].finished:
             break
     return seen, stopped

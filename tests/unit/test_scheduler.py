@@ -33,7 +33,8 @@ def make_scheduler(*, num_blocks: int = 64, budget: int = 32, max_num_seqs: int 
                          enable_chunked_prefill=chunked)
     sc.finalize(max_model_len)
     cc = CacheConfig(block_size=BS, enable_prefix_caching=caching)
-    return Scheduler(sc, cc, num_blocks, max_model_len)
+    cc.num_gpu_blocks = num_blocks
+    return Scheduler(sc, cc)
 
 
 def make_req(rid: str, prompt_len: int | None = None, *, tokens: list[int] | None = None,

@@ -41,23 +41,3 @@ class AttentionImpl:
         """query [T, H, D], key/value [T, KVH, D], kv_cache [2, num_blocks, block_size, KVH, D]
         -> [T, H, D]. kv_written: the step's K/V are already in the cache (see accepts_written_kv)."""
         raise NotImplementedError
-
-
-def get_attn_backend_cls(name: str, device: torch.device) -> type[AttentionImpl]:
-    if name == "auto":
-        name = "triton" if device.type == "cuda" and _has_triton_backend() else "torch"
-    if name == "torch":
-        from folovllm.attention.backends.torch_ref import TorchAttentionImpl
-        return TorchAttentionImpl
-    if name == "triton":
-        if device.type != "cuda":
-            raise ValueError("attention_backend='triton' needs a CUDA device; use attention_backend='torch' on CPU")
-        from folovllm.attention.backends.triton_attn import TritonAttentionImpl
-        return TritonAttentionImpl
-    raise ValueError(f"unknown attention backend {name!r}; choose 'torch' or 'triton'")
-
-
-def _has_triton_backend() -> bool:
-    import importlib.util
-    return (importlib.util.find_spec("triton") is not None
-            and importlib.util.find_spec("folovllm.attention.backends.triton_attn") is not None)

@@ -17,13 +17,6 @@ import torch.nn.functional as F
 from folovllm.attention.backends.abstract import AttentionImpl, AttentionMetadata
 
 
-def write_to_paged_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-                         slot_mapping: torch.Tensor) -> None:
-    """Rows whose slot is -1 are skipped."""
-    rows = torch.nonzero(slot_mapping >= 0).squeeze(1)
-    _write(key, value, kv_cache, rows, slot_mapping[rows])
-
-
 def _write(key, value, kv_cache, rows: torch.Tensor | None, slots: torch.Tensor) -> None:
     num_kv_heads, head_dim = key.shape[1], key.shape[2]
     if rows is not None:

@@ -38,6 +38,7 @@ class SchedulerOutput:
     total_num_scheduled_tokens: int
     # Requests that ended since the last step: the runner drops their state.
     finished_req_ids: set[str] = field(default_factory=set)
+    # Requests preempted this step: they keep their runner state, and will be recomputed.
     preempted_req_ids: set[str] = field(default_factory=set)
 
     @property

@@ -23,7 +23,10 @@ from folovllm.config import CacheConfig, SchedulerConfig
 from folovllm.core.kv_cache_manager import KVCacheManager
 from folovllm.core.sched.output import (CachedRequestData, ModelRunnerOutput, NewRequestData,
                                         SchedulerOutput)
+from folovllm.logger import init_logger
 from folovllm.request import Request, RequestStatus
+
+logger = init_logger(__name__)
 
 
 @dataclass
@@ -37,15 +40,17 @@ class EngineCoreOutput:
 
 
 class Scheduler:
-    def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig,
-                 num_blocks: int, max_model_len: int) -> None:
+    def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig) -> None:
+        """Both configs resolved: the scheduler's finalized (token budget, max_model_len) and the
+        cache's block count chosen (num_gpu_blocks)."""
+        assert scheduler_config.max_model_len is not None, "call SchedulerConfig.finalize first"
+        assert cache_config.num_gpu_blocks is not None, "the engine sets CacheConfig.num_gpu_blocks first"
         self.config = scheduler_config
         self.max_num_seqs = scheduler_config.max_num_seqs
-        assert scheduler_config.max_num_batched_tokens is not None, "call SchedulerConfig.finalize first"
         self.max_num_batched_tokens = scheduler_config.max_num_batched_tokens
-        self.max_model_len = max_model_len
+        self.max_model_len = scheduler_config.max_model_len
         self.block_size = cache_config.block_size
-        self.kv_cache_manager = KVCacheManager(num_blocks, cache_config.block_size,
+        self.kv_cache_manager = KVCacheManager(cache_config.num_gpu_blocks, cache_config.block_size,
                                                cache_config.enable_prefix_caching)
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
@@ -204,12 +209,19 @@ class Scheduler:
             # A request preempted while this token was in flight keeps it: it was sampled from
             # a complete context, and the recompute will include it.
             new_token_ids = []
-            for token_id in token_ids:
-                request.append_output_token_ids([token_id])
-                new_token_ids.append(token_id)
-                if self._check_stop(request, token_id):
+            try:
+                for token_id in token_ids:
+                    request.append_output_token_ids([token_id])
+                    new_token_ids.append(token_id)
+                    if self._check_stop(request, token_id):
+                        stopped.append(request)
+                        break
+            except Exception:
+                # One request's failure must not stall the batch: it alone ends, with an error.
+                logger.exception("request %s failed in its stop check; ending it", req_id)
+                request.status = RequestStatus.FINISHED_ERROR
+                if request not in stopped:
                     stopped.append(request)
-                    break
             outputs.append(EngineCoreOutput(
                 req_id, new_token_ids, req_logprobs[:len(new_token_ids)] if req_logprobs else None,
                 request.get_finished_reason(), request.stop_reason))
