@@ -256,6 +256,7 @@ def bench_engine_step(repeats: int) -> None:
     for i in range(256):
         engine.add_request(None, {"prompt_token_ids": [(i * 7 + j) % 1000 for j in range(32)]}, params)
     core = engine.engine_core
+    core.process_inbox()  # the requests into the scheduler, as the first step would
     sched, runner, out_proc = core.scheduler, core.executor, engine.output_processor
     while sched.waiting or any(r.num_computed_tokens < r.num_prompt_tokens for r in sched.running):
         engine.step()

@@ -25,7 +25,8 @@ _OPTIONAL_INT_FIELDS = ("max_tokens", "logprobs")
 
 def _is_int(value: object) -> bool:
     # Integral covers numpy integers; bool is an int subclass but True is never meant as a count.
-    return isinstance(value, Integral) and not isinstance(value, bool)
+    # type() first: the common case costs no ABC check (verify runs once per request queued).
+    return type(value) is int or (isinstance(value, Integral) and not isinstance(value, bool))
 
 
 def _bad(name: str, rule: str, value: object) -> ValueError:
@@ -78,20 +79,26 @@ class SamplingParams:
                 raise _bad(name, "must be True or False", value)
         for name in _FLOAT_FIELDS:
             value = getattr(self, name)
+            if type(value) is float and math.isfinite(value):
+                continue  # the common case, without ABC checks
             # NaN and inf pass or fail range checks by accident; reject them by name.
             if not isinstance(value, Real) or isinstance(value, bool) or not math.isfinite(value):
                 raise _bad(name, "must be a finite number", value)
             setattr(self, name, float(value))
         for name in _INT_FIELDS:
             value = getattr(self, name)
+            if type(value) is int:
+                continue
             if not _is_int(value):
                 raise _bad(name, "must be an int", value)
             setattr(self, name, int(value))
         for name in _OPTIONAL_INT_FIELDS:
             value = getattr(self, name)
-            if value is not None and not _is_int(value):
+            if value is None or type(value) is int:
+                continue
+            if not _is_int(value):
                 raise _bad(name, "must be an int or None", value)
-            setattr(self, name, None if value is None else int(value))
+            setattr(self, name, int(value))
         if self.seed is not None:
             if not (_is_int(self.seed) and 0 <= self.seed < _SEED_LIMIT):
                 raise _bad("seed", "must be None or an int in [0, 2**64)", self.seed)

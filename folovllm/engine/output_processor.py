@@ -63,12 +63,26 @@ class OutputProcessor:
             state = self.states.get(req_id)
             if state is not None and state.metrics.first_scheduled_time is None:
                 state.metrics.first_scheduled_time = t
+        states = self.states
         for co in core_outputs:
-            state = self.states.get(co.req_id)
+            state = states.get(co.req_id)
             if state is None:
                 continue
             try:
-                out = self._process_one(state, co, now, result.stopped)
+                # The common step of a request nobody watches: record its token and move on,
+                # without a call per request (at 256 requests that is a fifth of a step's host time).
+                metrics = state.metrics
+                if metrics.first_token_time is None and co.new_token_ids:
+                    metrics.first_token_time = now
+                metrics.last_token_time = now
+                state.output_token_ids.extend(co.new_token_ids)
+                if state.logprobs is not None and co.new_logprobs:
+                    for tok, lp in zip(co.new_token_ids, co.new_logprobs):
+                        state.logprobs.append(lp)
+                        state.cumulative_logprob += lp.get(tok, 0.0)
+                if not (state.stream or co.finish_reason is not None or state.request.sampling_params.stop):
+                    continue
+                out = self._detokenize(state, co, now, result.stopped)
             except Exception:
                 logger.exception("request %s failed in output processing; ending it", co.req_id)
                 result.failed.append(co.req_id)
@@ -85,21 +99,11 @@ class OutputProcessor:
                                       token_ids=list(state.output_token_ids), finish_reason="error")
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [completion], True, state.metrics)
 
-    def _process_one(self, state: RequestState, co: EngineCoreOutput, now: float,
-                     stopped_by_string: list[str]) -> RequestOutput | None:
+    def _detokenize(self, state: RequestState, co: EngineCoreOutput, now: float,
+                    stopped_by_string: list[str]) -> RequestOutput | None:
+        """The new text, stop strings, and the RequestOutput if one is due."""
         metrics = state.metrics
-        if metrics.first_token_time is None and co.new_token_ids:
-            metrics.first_token_time = now
-        metrics.last_token_time = now
-        state.output_token_ids.extend(co.new_token_ids)
-        if state.logprobs is not None and co.new_logprobs:
-            for tok, lp in zip(co.new_token_ids, co.new_logprobs):
-                state.logprobs.append(lp)
-                state.cumulative_logprob += lp.get(tok, 0.0)
         finish_reason, stop_reason = co.finish_reason, co.stop_reason
-        finished = finish_reason is not None
-        if not (state.stream or finished or state.request.sampling_params.stop):
-            return None
         stop_str = state.detokenizer.update(state.output_token_ids[state.num_detokenized:])
         state.num_detokenized = len(state.output_token_ids)
         if stop_str is None and finish_reason is not None:
