@@ -44,6 +44,29 @@ def cmd_latency(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _rate(text: str) -> float:
+    rate = float(text)
+    if not rate > 0:
+        raise argparse.ArgumentTypeError(f"--request-rate must be > 0 requests/s (or inf), got {text!r}")
+    return rate
+
+
+def cmd_serve(ns: argparse.Namespace) -> int:
+    import asyncio
+
+    from folovllm.bench import serve
+
+    model = ns.model or serve.model_of(ns.base_url, ns.api_key)
+    requests = serve.serve_workload(ns.num_prompts, ns.input_len_range, ns.output_len_range, ns.seed)
+    result = asyncio.run(serve.run_async(ns.base_url, model, requests, ns.request_rate, ns.max_concurrency,
+                                         ns.temperature, ns.seed, ns.api_key, progress=not ns.no_progress))
+    result.update(kind="serve", base_url=ns.base_url, model=model, request_rate=ns.request_rate,
+                  max_concurrency=ns.max_concurrency)
+    print(serve.report(result))
+    _write(result, ns.output_json)
+    return 0 if result["failed"] == 0 else 1
+
+
 def summary_table(results: list[dict]) -> str:
     """The ceilings, one line per throughput run and per latency batch size, and the ratio of the
     two throughput backends."""
@@ -90,7 +113,7 @@ def cmd_table(ns: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    bench = subparsers.add_parser("bench", help="the BENCHMARKS.md workloads: throughput, latency")
+    bench = subparsers.add_parser("bench", help="the BENCHMARKS.md workloads: throughput, latency, serve")
     sub = bench.add_subparsers(dest="bench_command", required=True)
 
     tp = sub.add_parser("throughput", help="all requests at once: tokens/s, wall time, floor fraction")
@@ -120,6 +143,22 @@ def register(subparsers) -> None:
     lat.add_argument("--output-json", default=None)
     add_cli_args(lat, default_model=default_bench_model())
     lat.set_defaults(func=cmd_latency, load_format="dummy")
+
+    sv = sub.add_parser("serve", help="the serve workload against a running OpenAI-compatible server")
+    sv.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server (default: %(default)s)")
+    sv.add_argument("--model", default=None, help="model name to send (default: the first in /v1/models)")
+    sv.add_argument("--api-key", default=None)
+    sv.add_argument("--num-prompts", type=int, default=500)
+    sv.add_argument("--input-len-range", type=parse_range, default=(100, 1024), help="LO,HI (inclusive)")
+    sv.add_argument("--output-len-range", type=parse_range, default=(100, 512), help="LO,HI (inclusive)")
+    sv.add_argument("--request-rate", type=_rate, default=float("inf"),
+                    help="Poisson arrivals, requests/s (default inf: all at once)")
+    sv.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight at once")
+    sv.add_argument("--temperature", type=float, default=0.0)
+    sv.add_argument("--seed", type=int, default=0)
+    sv.add_argument("--no-progress", action="store_true")
+    sv.add_argument("--output-json", default=None)
+    sv.set_defaults(func=cmd_serve)
 
     table = sub.add_parser("table", help="print one table from the JSON results of bench runs")
     table.add_argument("files", nargs="+")

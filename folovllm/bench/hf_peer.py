@@ -104,21 +104,45 @@ def throughput(model, requests: list[BenchRequest], warmup: list[BenchRequest], 
     return wall, lengths, settings
 
 
-def generate_seconds(model, prompts: list[list[int]], new_tokens: int) -> float:
-    """Seconds for one eager `model.generate` of exactly new_tokens greedy tokens per prompt."""
+class _TokenClock:
+    """A generate() streamer that notes when the first new tokens arrive: transformers calls put()
+    with the prompt, then once per step with that step's tokens."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.puts = 0
+        self.first_token_at: float | None = None
+
+    def put(self, value) -> None:
+        self.puts += 1
+        if self.puts == 2:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            self.first_token_at = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+def generate_timings(model, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
+    """(seconds to the first new token, seconds in all) of one eager `model.generate` of exactly
+    new_tokens greedy tokens per prompt: both from the same call, so TPOT = (all - first) /
+    (new_tokens - 1) cannot come out negative from two calls' noise."""
     ids = torch.tensor(prompts, device=model.device)
     gen = _generation_config(0.0, new_tokens)
     # eos_token_id=-1 is how transformers turns EOS off, and generate warns about it on every call.
     log = logging.getLogger("transformers.generation.utils")
     level = log.level
     log.setLevel(logging.ERROR)
+    clock = _TokenClock(model.device)
     try:
         if model.device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen)
+        model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen, streamer=clock)
         if model.device.type == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - t0
+        end = time.perf_counter()
+        return (clock.first_token_at or end) - t0, end - t0
     finally:
         log.setLevel(level)

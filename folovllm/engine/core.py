@@ -86,6 +86,12 @@ class EngineCore:
     def has_unfinished_requests(self) -> bool:
         return self._num_queued_adds > 0 or self.scheduler.has_unfinished_requests()
 
+    def has_work(self) -> bool:
+        """Whether step() would do anything: requests to run or queued, a step in flight, or
+        finished requests the workers have not yet heard of."""
+        return (self.has_unfinished_requests() or self._in_flight is not None
+                or bool(self.scheduler.finished_req_ids) or not self._inbox.empty())
+
     def get_num_unfinished_requests(self) -> int:
         return self._num_queued_adds + self.scheduler.get_num_unfinished_requests()
 
@@ -115,7 +121,8 @@ class EngineCore:
         outputs arrive one step late, and a request ended by EOS or a stop string may have had
         one more row computed and discarded)."""
         self.process_inbox()
-        if not (self.scheduler.has_unfinished_requests() or self._in_flight or self.scheduler.finished_req_ids):
+        if not (self.scheduler.has_unfinished_requests() or self._in_flight is not None
+                or self.scheduler.finished_req_ids):
             return EngineCoreOutputs(scheduler_stats=self.stats())  # nothing to do, nothing to tell
         scheduler_output = self.scheduler.schedule()
         first = self._first_scheduled(scheduler_output)

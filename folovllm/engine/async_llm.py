@@ -1,0 +1,174 @@
+"""AsyncLLM: Processor + EngineCore + OutputProcessor with the core's loop in a background thread
+and one async stream of RequestOutputs per request. The OpenAI server uses only this.
+
+    event loop thread                         engine-core thread
+    generate(): Processor -> Request  ---->   EngineCore inbox (thread-safe)
+                                              loop: step() -> EngineCoreOutputs
+    _on_core_outputs(): OutputProcessor <---  call_soon_threadsafe
+      -> each request's asyncio.Queue
+      -> stop strings / failures back to the core's inbox
+
+The scheduler and the runner are touched only by the core thread; the tokenizer, detokenizers and
+streams only by the event loop. Many clients share every step. A stream whose consumer goes away
+(a client that disconnects) aborts its request, which frees its blocks at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from folovllm.config import EngineConfig
+from folovllm.engine.core import EngineCore, EngineCoreOutputs, SchedulerStats
+from folovllm.engine.output_processor import OutputProcessor
+from folovllm.engine.processor import Processor, PromptType
+from folovllm.engine.tokenizer import load_tokenizer
+from folovllm.logger import init_logger
+from folovllm.outputs import RequestOutput
+from folovllm.request import RequestStatus
+from folovllm.sampling_params import SamplingParams
+
+logger = init_logger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine-core thread stopped on an error: no request can make progress."""
+
+
+class AsyncLLM:
+    def __init__(self, config: EngineConfig) -> None:
+        t0 = time.perf_counter()
+        self.config = config
+        self.model_config = config.model_config
+        self.tokenizer = load_tokenizer(config.model_config)
+        self.processor = Processor(config.model_config, self.tokenizer)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self.engine_core = EngineCore(config)
+        self.scheduler_stats = SchedulerStats()
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._dead: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._counter = itertools.count()
+        logger.info("async engine ready in %.1f s", time.perf_counter() - t0)
+
+    @classmethod
+    def from_engine_args(cls, engine_args) -> "AsyncLLM":
+        return cls(engine_args.create_engine_config())
+
+    # ---- the engine-core thread ---------------------------------------------------------
+
+    def _ensure_started(self) -> None:
+        # Outputs go to the loop of the latest caller (a server has one loop for its life).
+        self._loop = asyncio.get_running_loop()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run_core, name="folovllm-engine-core", daemon=True)
+            self._thread.start()
+        if self._dead is not None:
+            raise EngineDeadError(f"the engine stopped on an error: {self._dead!r}")
+
+    def _run_core(self) -> None:
+        core = self.engine_core
+        try:
+            while not self._stop.is_set():
+                self._wake.clear()
+                if not core.has_work():
+                    self._wake.wait(timeout=0.5)  # idle until a request arrives
+                    continue
+                outputs = core.step()
+                try:
+                    self._loop.call_soon_threadsafe(self._on_core_outputs, outputs)
+                except RuntimeError:  # that loop has closed: nobody is listening any more
+                    pass
+        except BaseException as e:  # noqa: BLE001  every stream must hear of it
+            logger.exception("the engine-core loop stopped")
+            self._dead = e
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.call_soon_threadsafe(self._fail_all, e)
+
+    # ---- the event loop -------------------------------------------------------------------
+
+    def _on_core_outputs(self, outputs: EngineCoreOutputs) -> None:
+        self.scheduler_stats = outputs.scheduler_stats or self.scheduler_stats
+        processed = self.output_processor.process(outputs.outputs, outputs.first_scheduled)
+        for out in processed.outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                stream.put_nowait(out)
+        if processed.stopped or processed.failed:
+            self.engine_core.finish_requests(processed.stopped, RequestStatus.FINISHED_STOPPED)
+            self.engine_core.finish_requests(processed.failed, RequestStatus.FINISHED_ERROR)
+            self._wake.set()
+
+    def _fail_all(self, error: BaseException) -> None:
+        for stream in self._streams.values():
+            stream.put_nowait(EngineDeadError(f"the engine stopped on an error: {error!r}"))
+
+    async def generate(self, prompt: PromptType, sampling_params: SamplingParams | None = None,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Queue one request and yield its outputs as they grow, the last one finished. Bad
+        input raises ValueError before anything is queued. If the consumer stops early (a
+        client disconnected, a task was cancelled), the request is aborted."""
+        self._ensure_started()
+        if request_id is None:
+            request_id = f"req-{next(self._counter)}"
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        request = self.processor.process(request_id, prompt, sampling_params or SamplingParams())
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = stream
+        self.output_processor.add_request(request, stream=True)
+        self.engine_core.add_request(request)
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                out = await stream.get()
+                if isinstance(out, BaseException):
+                    raise out
+                finished = out.finished
+                yield out
+                if finished:
+                    return
+        finally:
+            del self._streams[request_id]
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str | list[str]) -> None:
+        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        self.engine_core.abort_requests(ids)
+        for rid in ids:
+            self.output_processor.abort(rid)
+        self._wake.set()
+
+    def encode(self, prompt: PromptType) -> list[int]:
+        """A prompt's token ids as the engine would see them (validated the same way)."""
+        return self.processor.tokenize(prompt)[1]
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self._streams)
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Abort what is in flight and stop the core thread."""
+        if self._streams:
+            self.abort(list(self._streams))
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        if self._thread is None or not self._thread.is_alive():
+            self.engine_core.shutdown()
+
+    def __enter__(self) -> "AsyncLLM":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()

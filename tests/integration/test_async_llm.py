@@ -1,0 +1,132 @@
+"""AsyncLLM, the engine the server runs: the core steps in a background thread, each request has
+its own async stream, many streams share every step, and a stream whose consumer leaves aborts
+its request."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from folovllm import LLM, SamplingParams
+from folovllm.engine.arg_utils import EngineArgs
+from folovllm.engine.async_llm import AsyncLLM, EngineDeadError
+
+
+def prompts(n: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 320, (int(torch.randint(2, 20, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_models):
+    path, _ = tiny_models["qwen3"]
+    kw = dict(model=path, device="cpu", max_num_seqs=8, max_num_batched_tokens=64, block_size=8)
+    async_llm = AsyncLLM.from_engine_args(EngineArgs(**kw))
+    yield async_llm, LLM(**kw)
+    async_llm.shutdown()
+
+
+async def collect(llm: AsyncLLM, prompt, params):
+    texts, last = 0, None
+    async for out in llm.generate({"prompt_token_ids": prompt}, params):
+        texts += 1
+        last = out
+    return last, texts
+
+
+def test_concurrent_streams_get_the_offline_tokens(engines):
+    """24 requests at once (more than max_num_seqs, so they queue and share steps): each stream
+    ends with exactly the tokens, finish reason and logprobs the offline engine gives, and
+    streams one output per token."""
+    async_llm, offline = engines
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=2)
+    inputs = prompts(24, seed=1)
+
+    async def main():
+        return await asyncio.gather(*(collect(async_llm, p, params) for p in inputs))
+
+    results = asyncio.run(main())
+    expect = offline.generate([{"prompt_token_ids": p} for p in inputs], params, use_tqdm=False)
+    for (last, num_outputs), ref in zip(results, expect):
+        assert last.finished and num_outputs == 6
+        assert last.outputs[0].token_ids == ref.outputs[0].token_ids
+        assert last.outputs[0].finish_reason == "length"
+        got, want = last.outputs[0].logprobs, ref.outputs[0].logprobs
+        assert [sorted(d) for d in got] == [sorted(d) for d in want]
+        assert all(abs(got[i][t] - want[i][t]) < 1e-5 for i in range(6) for t in want[i])
+    assert async_llm.num_unfinished_requests == 0
+
+
+def test_a_consumer_that_leaves_aborts_its_request(engines):
+    """Leaving the stream after two outputs aborts the request: the scheduler lets go of it and
+    every KV block is free again, while a request streaming alongside completes."""
+    async_llm, offline = engines
+    long = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+    short = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    [p1, p2] = prompts(2, seed=2)
+
+    async def leaver():
+        n = 0
+        stream = async_llm.generate({"prompt_token_ids": p1}, long)
+        async for _ in stream:
+            n += 1
+            if n == 2:
+                break
+        await stream.aclose()
+        return n
+
+    async def main():
+        left, (last, _) = await asyncio.gather(leaver(), collect(async_llm, p2, short))
+        for _ in range(100):  # the abort is applied at the core's next step
+            if async_llm.engine_core.get_num_unfinished_requests() == 0:
+                break
+            await asyncio.sleep(0.02)
+        return left, last
+
+    left, last = asyncio.run(main())
+    assert left == 2
+    [ref] = offline.generate([{"prompt_token_ids": p2}], short, use_tqdm=False)
+    assert last.outputs[0].token_ids == ref.outputs[0].token_ids
+    core = async_llm.engine_core
+    assert core.get_num_unfinished_requests() == 0
+    pool = core.scheduler.kv_cache_manager.block_pool
+    assert pool.get_num_free_blocks() == pool.num_blocks
+
+
+def test_bad_input_raises_before_anything_is_queued(engines):
+    async_llm, _ = engines
+
+    async def main():
+        with pytest.raises(ValueError, match="max_model_len"):
+            async for _ in async_llm.generate({"prompt_token_ids": [5] * 600}, SamplingParams()):
+                pass
+        last, _ = await collect(async_llm, [5, 6], SamplingParams(temperature=0.0, max_tokens=2))
+        return last
+
+    assert asyncio.run(main()).finished
+    assert async_llm.num_unfinished_requests == 0
+
+
+def test_a_dead_engine_fails_every_stream(tiny_models, monkeypatch):
+    """If the core's loop raises, each waiting stream gets EngineDeadError instead of hanging,
+    and so does any later request."""
+    llm = AsyncLLM.from_engine_args(EngineArgs(model=tiny_models["qwen2"][0], device="cpu"))
+
+    def broken_step():
+        raise RuntimeError("the device fell over")
+
+    monkeypatch.setattr(llm.engine_core, "step", broken_step)
+
+    async def main():
+        with pytest.raises(EngineDeadError, match="the device fell over"):
+            await asyncio.wait_for(collect(llm, [5, 6, 7], SamplingParams(max_tokens=3)), timeout=10)
+        with pytest.raises(EngineDeadError):
+            await collect(llm, [5], SamplingParams(max_tokens=3))
+
+    try:
+        asyncio.run(main())
+    finally:
+        llm.shutdown()
