@@ -38,6 +38,7 @@ class IncrementalDetokenizer:
         self._tokenizer = tokenizer if params.detokenize else None
         self._params = params
         self._done = False
+        self._num_generated = 0
         self._ids: list[int] = []
         self._prefix_offset = 0
         self._read_offset = 0
@@ -53,6 +54,7 @@ class IncrementalDetokenizer:
         it, or kept including it when params.include_stop_str_in_output), else None."""
         if self._tokenizer is None or self._done:
             return None
+        self._num_generated += len(new_token_ids)
         self._ids.extend(t for t in new_token_ids if 0 <= t < self._num_known_ids)
         return self._append(self._new_text(flush=False))
 
@@ -82,6 +84,8 @@ class IncrementalDetokenizer:
             return None
         start = max(0, len(self.output_text) - self._stop_lookback)
         self.output_text += new_text
+        if self._num_generated <= self._params.min_tokens:
+            return None  # as in vLLM: stop strings, like stop tokens, wait for min_tokens
         match = self._earliest_stop(start)
         if match is None:
             return None

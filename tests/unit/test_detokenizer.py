@@ -143,3 +143,18 @@ def test_no_tokenizer_or_no_detokenize(tokenizer):
         assert detok.update([1, 2, 3, 10**9]) is None
         assert detok.finish() is None
         assert detok.output_text == ""
+
+
+def test_stop_strings_wait_for_min_tokens(tokenizer):
+    """A stop string inside the first min_tokens tokens does not stop the request (as in vLLM);
+    a later one does, and the text is cut right before it."""
+    text = "ab ab ab ab ab ab"
+    ids = tokenizer.encode(text)
+    assert run(tokenizer, ids, stop=["ab"]) == ("", "ab")
+    k = 3
+    first_k = tokenizer.decode(ids[:k])
+    assert "ab" in first_k  # the first match lies inside the min_tokens tokens
+    out, stop = run(tokenizer, ids, stop=["ab"], min_tokens=k, max_tokens=50)
+    assert stop == "ab" and out and text.startswith(out) and text[len(out):].startswith("ab")
+    assert len(out) + len("ab") > len(first_k)  # the match ends after the first k tokens' text
+    assert run(tokenizer, ids, stop=["ab"], min_tokens=len(ids), max_tokens=50) == (text, None)
