@@ -9,6 +9,7 @@ fields. `EngineArgs` (folovllm/engine/arg_utils.py) is derived from the fields b
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -81,6 +82,8 @@ class ModelConfig:
         from folovllm.assets import resolve_model
         from folovllm.model_executor.model_loader import load_hf_config
 
+        self._asked_dtype = self.dtype  # dtype is resolved per device (EngineConfig), from this
+
         self.model = resolve_model(self.model)
         if self.tokenizer is not None:
             self.tokenizer = resolve_model(self.tokenizer)
@@ -126,10 +129,11 @@ class ModelConfig:
     def resolve_dtype(self, device: torch.device) -> torch.dtype:
         """'auto' is float32 on CPU (bf16 matmuls are several times slower on most CPUs) and the
         checkpoint's dtype on a GPU (bfloat16 when the checkpoint does not say, or says float32)."""
-        if isinstance(self.dtype, torch.dtype):
-            return self.dtype
-        if self.dtype != "auto":
-            return _DTYPES[self.dtype]
+        asked = getattr(self, "_asked_dtype", self.dtype)
+        if isinstance(asked, torch.dtype):
+            return asked
+        if asked != "auto":
+            return _DTYPES[asked]
         if device.type == "cpu":
             return torch.float32
         from folovllm.model_executor.model_loader import config_dtype
@@ -172,8 +176,9 @@ class CacheConfig:
                 self.cpu_kv_cache_space_gib = float(env) if env else DEFAULT_CPU_KV_CACHE_GIB
             except ValueError:
                 raise ValueError(f"FOLOVLLM_CPU_KVCACHE_SPACE must be a number of GiB, got {env!r}") from None
-        _check(self.cpu_kv_cache_space_gib > 0,
-               f"CacheConfig.cpu_kv_cache_space_gib must be > 0, got {self.cpu_kv_cache_space_gib}")
+        _check(0 < self.cpu_kv_cache_space_gib < float("inf"),
+               f"CacheConfig.cpu_kv_cache_space_gib (or FOLOVLLM_CPU_KVCACHE_SPACE) must be a finite number "
+               f"of GiB > 0, got {self.cpu_kv_cache_space_gib}")
 
 
 @dataclass
@@ -199,7 +204,10 @@ class SchedulerConfig:
         _check(self.max_num_seqs >= 1, f"SchedulerConfig.max_num_seqs must be >= 1, got {self.max_num_seqs}")
         _check(self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1,
                f"SchedulerConfig.max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        # What was asked, kept apart from what finalize() resolves, so a config can be resolved
+        # again (for another model or device) from the same request.
         self._asked_batched_tokens = self.max_num_batched_tokens
+        self._asked_async = self.async_scheduling
 
     def finalize(self, max_model_len: int, device_type: str = "cpu") -> None:
         """Fill the token budget and async scheduling once the model and device are known, and
@@ -216,8 +224,7 @@ class SchedulerConfig:
         _check(budget >= self.max_num_seqs or self.enable_chunked_prefill,
                "max_num_batched_tokens must be >= max_num_seqs")
         self.max_num_batched_tokens = budget
-        if self.async_scheduling is None:
-            self.async_scheduling = device_type == "cuda"
+        self.async_scheduling = device_type == "cuda" if self._asked_async is None else self._asked_async
 
 
 @dataclass
@@ -256,6 +263,12 @@ class EngineConfig:
         _check(self.attention_backend in ("auto", "torch", "triton"),
                f"attention_backend must be 'auto', 'torch' or 'triton', got {self.attention_backend!r}")
         self._torch_device = self._resolve_device()
+        # Each engine resolves its own copies: a config the caller reuses (for another device, or
+        # through dataclasses.replace) is resolved again from what was asked, not from the result.
+        self.model_config = copy.copy(self.model_config)
+        self.cache_config = copy.copy(self.cache_config)
+        self.scheduler_config = copy.copy(self.scheduler_config)
+        self.parallel_config = copy.copy(self.parallel_config)
         self.model_config.dtype = self.model_config.resolve_dtype(self._torch_device)
         self.scheduler_config.finalize(self.model_config.max_model_len, self._torch_device.type)
 

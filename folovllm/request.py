@@ -56,6 +56,8 @@ class Request:
         # async scheduling the next step is planned as if they were already known.
         self.num_output_placeholders = 0
         self.num_preemptions = 0
+        # The scheduler step that first ran it (see SchedulerOutput.step_id).
+        self.first_scheduled_step: int | None = None
         self.max_tokens = sampling_params.max_tokens
 
     @property

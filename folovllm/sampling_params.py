@@ -82,7 +82,11 @@ class SamplingParams:
             if type(value) is float and math.isfinite(value):
                 continue  # the common case, without ABC checks
             # NaN and inf pass or fail range checks by accident; reject them by name.
-            if not isinstance(value, Real) or isinstance(value, bool) or not math.isfinite(value):
+            try:
+                finite = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+            except OverflowError:  # an int too large for a float
+                finite = False
+            if not finite:
                 raise _bad(name, "must be a finite number", value)
             setattr(self, name, float(value))
         for name in _INT_FIELDS:

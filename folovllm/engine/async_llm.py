@@ -142,10 +142,15 @@ class AsyncLLM:
                 self.abort(request_id)
 
     def abort(self, request_id: str | list[str]) -> None:
+        """End requests; a stream still being read gets a last output with finish_reason
+        'abort'."""
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
         self.engine_core.abort_requests(ids)
         for rid in ids:
-            self.output_processor.abort(rid)
+            final = self.output_processor.abort(rid)
+            stream = self._streams.get(rid)
+            if stream is not None and final is not None:
+                stream.put_nowait(final)
         self._wake.set()
 
     def encode(self, prompt: PromptType) -> list[int]:

@@ -65,6 +65,7 @@ class EngineCore:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._num_queued_adds = 0  # requests on the inbox not yet in the scheduler
         self._count_lock = threading.Lock()
+        self._refused: list[EngineCoreOutput] = []  # adds the scheduler refused, reported next step
         self._seen: set[str] = set()  # requests scheduled at least once, until they finish
         self.startup_times = dict(self.executor.startup_times(), core=time.perf_counter() - t0)
 
@@ -90,7 +91,7 @@ class EngineCore:
         """Whether step() would do anything: requests to run or queued, a step in flight, or
         finished requests the workers have not yet heard of."""
         return (self.has_unfinished_requests() or self._in_flight is not None
-                or bool(self.scheduler.finished_req_ids) or not self._inbox.empty())
+                or bool(self.scheduler.finished_req_ids) or bool(self._refused) or not self._inbox.empty())
 
     def get_num_unfinished_requests(self) -> int:
         return self._num_queued_adds + self.scheduler.get_num_unfinished_requests()
@@ -105,9 +106,14 @@ class EngineCore:
             except queue.Empty:
                 return
             if kind == "add":
-                with self._count_lock:
-                    self._num_queued_adds -= 1
-                self.scheduler.add_request(what)
+                try:
+                    self.scheduler.add_request(what)
+                except ValueError as e:  # e.g. an id still in use: that request alone fails
+                    logger.error("request %s refused: %s", what.request_id, e)
+                    self._refused.append(EngineCoreOutput(what.request_id, [], finish_reason="error"))
+                finally:
+                    with self._count_lock:
+                        self._num_queued_adds -= 1
             else:
                 self.scheduler.finish_requests(what, status)
 
@@ -123,7 +129,8 @@ class EngineCore:
         self.process_inbox()
         if not (self.scheduler.has_unfinished_requests() or self._in_flight is not None
                 or self.scheduler.finished_req_ids):
-            return EngineCoreOutputs(scheduler_stats=self.stats())  # nothing to do, nothing to tell
+            refused, self._refused = self._refused, []
+            return EngineCoreOutputs(refused, scheduler_stats=self.stats())  # nothing to run
         scheduler_output = self.scheduler.schedule()
         first = self._first_scheduled(scheduler_output)
         if not self.async_scheduling:
@@ -134,17 +141,18 @@ class EngineCore:
                 future = self.executor.execute_model(scheduler_output, non_block=True)
             previous, self._in_flight = self._in_flight, (scheduler_output, future) if future else None
             outputs = [] if previous is None else self._update(previous[0], previous[1].result())
+        if self._refused:
+            outputs, self._refused = self._refused + outputs, []
         return EngineCoreOutputs(outputs, first, self.stats())
 
     def _first_scheduled(self, scheduler_output: SchedulerOutput) -> dict[str, float]:
         now = time.monotonic()
         first = {}
+        self._seen.difference_update(scheduler_output.finished_req_ids)  # first: an id may come back
         for req in scheduler_output.scheduled_new_reqs:
             if req.req_id not in self._seen:
                 self._seen.add(req.req_id)
                 first[req.req_id] = now
-        for req_id in scheduler_output.finished_req_ids:
-            self._seen.discard(req_id)
         return first
 
     def _update(self, scheduler_output: SchedulerOutput, runner_output) -> list[EngineCoreOutput]:

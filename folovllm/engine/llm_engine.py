@@ -42,7 +42,7 @@ class LLMEngine:
             config = EngineConfig(model_config=config, **overrides)
         elif overrides:
             import dataclasses
-            config = dataclasses.replace(config, **overrides)  # resolves again for the new settings
+            config = dataclasses.replace(config, **overrides)  # resolved anew from what was asked
         self.config = config
         self.model_config = config.model_config
         self.tokenizer = load_tokenizer(config.model_config)
@@ -96,7 +96,7 @@ class LLMEngine:
         try:
             for prompt, p in zip(prompts, params_list):
                 ids.append(self.add_request(None, prompt, p, stream=stream))
-        except ValueError:
+        except Exception:
             self.abort_request(ids)
             raise
         return ids

@@ -49,8 +49,17 @@ class OutputProcessor:
             logprobs=[] if params.logprobs is not None else None,
             cumulative_logprob=0.0 if params.logprobs is not None else None)
 
-    def abort(self, request_id: str) -> None:
-        self.states.pop(request_id, None)
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Forget the request; its final output (finish_reason 'abort', the text so far), or
+        None if it was not here."""
+        state = self.states.pop(request_id, None)
+        if state is None:
+            return None
+        state.metrics.finished_time = time.monotonic()
+        req = state.request
+        completion = CompletionOutput(index=0, text=state.detokenizer.output_text,
+                                      token_ids=list(state.output_token_ids), finish_reason="abort")
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [completion], True, state.metrics)
 
     def process(self, core_outputs: list[EngineCoreOutput],
                 first_scheduled: dict[str, float] | None = None) -> ProcessedOutputs:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from numbers import Integral
 from typing import Any, Union
 
 from folovllm.config import ModelConfig
@@ -11,6 +12,18 @@ from folovllm.request import Request
 from folovllm.sampling_params import SamplingParams
 
 PromptType = Union[str, list[int], dict[str, Any]]
+
+
+def _token_ids(ids) -> list[int]:
+    """Token ids as plain ints; a float, a bool or a string among them is an error, not a guess."""
+    if not isinstance(ids, (list, tuple)):
+        raise ValueError(f"prompt_token_ids must be a list of ints, got {type(ids).__name__}")
+    out = []
+    for i, t in enumerate(ids):
+        if type(t) is not int and (not isinstance(t, Integral) or isinstance(t, bool)):
+            raise ValueError(f"prompt token {i} is {t!r}; token ids must be ints")
+        out.append(int(t))
+    return out
 
 
 class Processor:
@@ -23,7 +36,7 @@ class Processor:
     def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+                return prompt.get("prompt"), _token_ids(prompt["prompt_token_ids"])
             if "prompt" in prompt:
                 prompt = prompt["prompt"]
             else:
@@ -33,8 +46,8 @@ class Processor:
                 raise ValueError("this model was loaded without a tokenizer, so prompts must be token ids "
                                  "({'prompt_token_ids': [...]}); or pass tokenizer=PATH")
             return prompt, self.tokenizer(prompt).input_ids
-        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
-            return None, list(prompt)
+        if isinstance(prompt, (list, tuple)):
+            return None, _token_ids(prompt)
         raise ValueError(f"a prompt must be text, a list of token ids or a dict, got {type(prompt).__name__}")
 
     def process(self, request_id: str, prompt: PromptType, params: SamplingParams,

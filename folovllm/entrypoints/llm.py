@@ -54,7 +54,10 @@ class LLM:
              **template_kwargs: Any) -> list[RequestOutput]:
         """One conversation (a list of {"role", "content"} dicts) or several, through the
         tokenizer's chat template."""
-        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        # One conversation (a list of message dicts), or several (a list of such lists); anything
+        # else goes to the validator as one conversation, for its clear error.
+        several = isinstance(messages, list) and messages and all(isinstance(m, list) for m in messages)
+        conversations = messages if several else [messages]
         prompts = [{"prompt_token_ids": apply_chat_template(
             self.get_tokenizer(), conv, add_generation_prompt=add_generation_prompt,
             chat_template=chat_template, **template_kwargs)} for conv in conversations]

@@ -49,6 +49,9 @@ class InputBatch:
         self.num_blocks = np.zeros(max_num_reqs, dtype=np.int64)
         self.req_id_to_index: dict[str, int] = {}
         self.num_removals = 0   # rows freed so far: unchanged means every row has its owner still
+        # Bumped each time a row takes a new request: a token sampled for a row's earlier owner
+        # (even one with the same request id) is recognised by its generation.
+        self.row_generation = np.zeros(max_num_reqs, dtype=np.int64)
         self.free_rows = list(range(max_num_reqs - 1, -1, -1))
         self.sampling_params: list[SamplingParams | None] = [None] * max_num_reqs
         self.generators: dict[int, torch.Generator] = {}
@@ -57,6 +60,7 @@ class InputBatch:
                     block_ids: list[int], num_computed_tokens: int, generator: torch.Generator | None) -> None:
         row = self.free_rows.pop()
         self.req_id_to_index[req_id] = row
+        self.row_generation[row] += 1
         n = len(prompt_token_ids)
         self.token_ids[row, :n] = prompt_token_ids
         self.num_tokens[row] = self.num_prompt_tokens[row] = n

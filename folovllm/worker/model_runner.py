@@ -269,7 +269,7 @@ class ModelRunner:
         self._prev_index[rows] = np.arange(len(rows))
         self._prev_sampled = sampled.sampled_token_ids
         batch.num_pending[rows] += 1
-        out.set_sampled(rows, step.sampling_rows, params, sampled)
+        out.set_sampled(rows, step.sampling_rows, params, sampled, batch.row_generation[rows].copy())
 
     def read_all_outputs(self) -> None:
         """Wait for every step still in flight and record its tokens (in step order)."""
@@ -289,15 +289,12 @@ class ModelRunner:
         request left meanwhile: its row may hold another one by now)."""
         assert out is self._unread[0], "steps are recorded in order"
         self._unread.pop(0)
-        out.recorded = True
         if out._sampled is None:
             return
-        rows, sampling_rows, ids_np = out.sampled_rows()
+        rows, generations, ids_np = out.sampled_rows()
         batch = self.input_batch
         if batch.num_removals != out.removals:
-            owners = [out.req_ids[i] for i in sampling_rows.tolist()]
-            keep = np.fromiter((batch.req_id_to_index.get(o) == r for o, r in zip(owners, rows.tolist())),
-                               dtype=bool, count=len(rows))
+            keep = batch.row_generation[rows] == generations
             rows, ids_np = rows[keep], ids_np[keep]
         batch.append_tokens(rows, ids_np, pending=True)
 
@@ -379,17 +376,18 @@ class StepOutput:
         self.req_ids = req_ids
         self.removals = removals  # InputBatch.num_removals when the step was sampled
         self._sampled = None
+        self._generations: np.ndarray | None = None  # of the sampled rows, when sampled
         self._result: ModelRunnerOutput | None = None
-        self.recorded = False
 
     @classmethod
     def ready(cls, result: ModelRunnerOutput) -> "StepOutput":
         out = cls(result.req_ids)
         out._result = result
-        out.recorded = True
         return out
 
-    def set_sampled(self, rows: np.ndarray, sampling_rows: np.ndarray, params: list, sampled) -> None:
+    def set_sampled(self, rows: np.ndarray, sampling_rows: np.ndarray, params: list, sampled,
+                    generations: np.ndarray) -> None:
+        self._generations = generations
         cuda = sampled.sampled_token_ids.is_cuda
         host = [None if t is None else t.to("cpu", non_blocking=True)
                 for t in (sampled.sampled_token_ids, sampled.logprob_token_ids, sampled.logprobs)]
@@ -400,10 +398,11 @@ class StepOutput:
         self._sampled = (rows, sampling_rows, params, host, event)
 
     def sampled_rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(InputBatch rows, step rows, sampled ids) once arrived; for the runner's records."""
+        """(InputBatch rows, their generations, sampled ids) once arrived; for the runner's
+        records."""
         self.result()
-        rows, sampling_rows, _, (ids, _, _), _ = self._sampled
-        return rows, sampling_rows, ids.numpy()
+        rows, _, _, (ids, _, _), _ = self._sampled
+        return rows, self._generations, ids.numpy()
 
     def result(self) -> ModelRunnerOutput:
         if self._result is not None:

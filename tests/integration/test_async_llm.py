@@ -130,3 +130,32 @@ def test_a_dead_engine_fails_every_stream(tiny_models, monkeypatch):
         asyncio.run(main())
     finally:
         llm.shutdown()
+
+
+def test_abort_and_shutdown_end_the_streams_being_read(tiny_models):
+    """abort() gives the stream it ends a last output (finish_reason 'abort') instead of leaving
+    its reader waiting; shutdown() does the same for every stream."""
+    llm = AsyncLLM.from_engine_args(EngineArgs(model=tiny_models["llama"][0], device="cpu"))
+    long = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
+
+    async def read(request_id, prompt):
+        outs = []
+        async for out in llm.generate({"prompt_token_ids": prompt}, long, request_id=request_id):
+            outs.append(out)
+        return outs
+
+    async def main():
+        x = asyncio.create_task(read("x", [5, 6, 7]))
+        y = asyncio.create_task(read("y", [8, 9]))
+        while llm.output_processor.states.get("x") is None or not llm.output_processor.states["x"].output_token_ids:
+            await asyncio.sleep(0.01)
+        llm.abort("x")
+        xs = await asyncio.wait_for(x, timeout=5)
+        llm.shutdown()
+        ys = await asyncio.wait_for(y, timeout=5)
+        return xs, ys
+
+    xs, ys = asyncio.run(main())
+    for outs in (xs, ys):
+        assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "abort"
+        assert len(outs[-1].outputs[0].token_ids) < 400

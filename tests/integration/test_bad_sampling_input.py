@@ -52,3 +52,22 @@ def test_field_reassigned_after_construction_is_rejected(tiny_models):
         llm.generate([GOOD, GOOD], [SamplingParams(max_tokens=3), params], use_tqdm=False)
     assert not llm.llm_engine.has_unfinished_requests()
     finishes_normally(llm, SamplingParams(max_tokens=3, ignore_eos=True))
+
+
+@pytest.mark.parametrize("ids, message", [
+    ([5.7, 6.2], "prompt token 0 is 5.7"), ([True, 6], "prompt token 0 is True"), (["x"], "prompt token 0 is 'x'"),
+    ("not a list", "prompt_token_ids must be a list"),
+])
+def test_token_id_prompts_are_checked_and_nothing_is_left_queued(tiny_models, ids, message):
+    """A bad token id in the second prompt of a batch: a clear error, and the first prompt is
+    withdrawn (all or none), so nothing is left in the engine."""
+    llm = LLM(tiny_models["qwen3"][0], max_model_len=64)
+    with pytest.raises(ValueError, match=message):
+        llm.generate([{"prompt_token_ids": [5, 6]}, {"prompt_token_ids": ids}], use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()
+    assert not llm.llm_engine.output_processor.states
+
+
+def test_a_number_too_large_for_a_float_is_a_value_error():
+    with pytest.raises(ValueError, match="SamplingParams.temperature must be a finite number"):
+        SamplingParams(temperature=10**400)

@@ -198,3 +198,56 @@ def test_every_rank_sizes_its_cache_and_the_smallest_wins(tiny_models):
     assert config.cache_config.num_gpu_blocks == 35
     assert core.scheduler.kv_cache_manager.block_pool.num_blocks == 35
     assert core.executor.driver_worker.model_runner.attn_layers[0].kv_cache.shape[1] == 35
+
+
+@pytest.mark.parametrize("how", ["stop_token", "abort"])
+def test_an_id_reused_at_once_gets_only_its_own_tokens(tiny_models, how):
+    """Request 'a' ends (a stop token, or an abort) while a step holding its row is still in
+    flight, and a new request takes the id 'a' at once: the late token must reach neither the new
+    request's output nor its context in the runner. Reference: transformers' greedy tokens."""
+    path, hf = tiny_models["qwen3"]
+    engine = LLM(path, device="cpu", async_scheduling=True, max_model_len=64, block_size=8,
+                 max_num_seqs=4).llm_engine
+    first, second = [5, 6, 7], [40, 41, 42, 43, 44]
+    if how == "stop_token":
+        stop = hf_greedy(hf, first, 2)[1]
+        engine.add_request("a", {"prompt_token_ids": first},
+                           SamplingParams(temperature=0.0, max_tokens=10, stop_token_ids=[stop]))
+        [done] = [o for o in engine.iter_outputs(["a"]) if o.finished]
+        assert done.outputs[0].finish_reason == "stop"
+    else:
+        engine.add_request("a", {"prompt_token_ids": first},
+                           SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True))
+        for _ in range(4):
+            engine.step()
+        engine.abort_request("a")
+    assert engine.engine_core._in_flight is not None  # the old 'a' still has a step on the device
+    engine.add_request("a", {"prompt_token_ids": second}, SamplingParams(temperature=0.0, max_tokens=4,
+                                                                         ignore_eos=True))
+    [out] = [o for o in engine.iter_outputs(["a"]) if o.finished]
+    assert out.outputs[0].token_ids == hf_greedy(hf, second, 4)
+    assert out.metrics.first_scheduled_time is not None
+    engine.step()
+    engine.step()
+    assert_all_free(engine.engine_core)
+
+
+def test_a_refused_add_fails_that_request_alone(tiny_models):
+    """A request the scheduler refuses when the core applies its inbox (here an id the scheduler
+    still holds, queued past the engine's own check) ends with finish_reason 'error'; the request
+    already running finishes normally."""
+    path, hf = tiny_models["qwen3"]
+    engine = LLM(path, device="cpu").llm_engine
+    core = engine.engine_core
+    params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    core.add_request(engine.processor.process("x", {"prompt_token_ids": [5, 6]}, params))
+    core.add_request(engine.processor.process("x", {"prompt_token_ids": [7, 8]}, params))
+    reasons, tokens = [], []
+    while core.has_work():
+        for co in core.step().outputs:
+            tokens.extend(co.new_token_ids)
+            if co.finish_reason:
+                reasons.append(co.finish_reason)
+    assert sorted(reasons) == ["error", "length"]
+    assert tokens == hf_greedy(hf, [5, 6], 5)
+    assert_all_free(core)

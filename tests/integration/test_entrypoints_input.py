@@ -47,3 +47,12 @@ def test_chat_rejects_a_bad_conversation_and_answers_a_good_one(tiny_models_with
     [out] = llm.chat([{"role": "user", "content": "hi"}], params, chat_template=TEMPLATE, use_tqdm=False)
     assert out.prompt_token_ids == tokenizer("<user>hi").input_ids
     assert len(out.outputs[0].token_ids) == 3
+
+
+def test_chat_with_a_bare_message_dict_says_how_to_fix_it(tiny_models_with_tokenizer):
+    path, _, _ = tiny_models_with_tokenizer["qwen2"]
+    llm = LLM(path, device="cpu", max_model_len=128)
+    with pytest.raises(ValueError, match="wrap it in a list"):
+        llm.chat({"role": "user", "content": "a"}, chat_template=TEMPLATE)
+    with pytest.raises(ValueError):
+        llm.chat([], chat_template=TEMPLATE)

@@ -114,3 +114,27 @@ def test_tensor_parallel_size_reaches_the_executor_choice(tiny_models):
         get_executor_class(two)
     with pytest.raises(ValueError, match="tensor_parallel_size must be an int >= 1"):
         ParallelConfig(tensor_parallel_size=0)
+
+
+def test_a_config_is_resolved_again_from_what_was_asked(tiny_models):
+    """Resolution works on each engine's own copies: the caller's configs keep what they asked
+    for, and a replaced EngineConfig is resolved anew (not from the first one's results)."""
+    path, _ = tiny_models["qwen3"]
+    mc = ModelConfig(path)
+    sc = SchedulerConfig(enable_chunked_prefill=False)
+    first = EngineConfig(mc, scheduler_config=sc, device="cpu")
+    assert first.model_config.dtype == torch.float32 and first.scheduler_config.async_scheduling is False
+    assert mc.dtype == "auto" and sc.async_scheduling is None and sc.max_num_batched_tokens is None
+    again = dataclasses.replace(first, scheduler_config=SchedulerConfig(async_scheduling=True))
+    assert again.scheduler_config.async_scheduling is True
+    assert again.scheduler_config.max_num_batched_tokens == 8192
+    longer = EngineConfig(ModelConfig(path, max_model_len=512), device="cpu", scheduler_config=sc)
+    assert longer.scheduler_config.max_num_batched_tokens == 8192  # max(8192, 512), not first's
+    bf16 = EngineConfig(ModelConfig(path, dtype="bfloat16"), device="cpu")
+    assert dataclasses.replace(bf16).model_config.dtype == torch.bfloat16
+
+
+def test_an_infinite_cpu_kv_cache_is_refused(monkeypatch):
+    monkeypatch.setenv("FOLOVLLM_CPU_KVCACHE_SPACE", "inf")
+    with pytest.raises(ValueError, match="must be a finite number of GiB"):
+        CacheConfig()

@@ -57,6 +57,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.finished_req_ids: set[str] = set()
         self.num_preemptions = 0
+        self.num_steps = 0
 
     # ---- requests in and out -------------------------------------------------------------
 
@@ -96,6 +97,7 @@ class Scheduler:
     # ---- one step ------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
+        self.num_steps += 1
         token_budget = self.max_num_batched_tokens
         num_scheduled_tokens: dict[str, int] = {}
         new_reqs: list[NewRequestData] = []
@@ -156,6 +158,8 @@ class Scheduler:
                 else:
                     new_reqs.append(NewRequestData(request.request_id, list(request.prompt_token_ids),
                                                    request.sampling_params, block_ids, num_cached))
+                if request.first_scheduled_step is None:
+                    request.first_scheduled_step = self.num_steps
                 request.status = RequestStatus.RUNNING
                 self.running.append(request)
                 num_scheduled_tokens[request.request_id] = num_new
@@ -177,6 +181,7 @@ class Scheduler:
             total_num_scheduled_tokens=self.max_num_batched_tokens - token_budget,
             finished_req_ids=self.finished_req_ids,
             preempted_req_ids={r.request_id for r in preempted},
+            step_id=self.num_steps,
         )
         self.finished_req_ids = set()
         return output
@@ -205,6 +210,8 @@ class Scheduler:
             request = self.requests.get(req_id)
             if request is None or not token_ids:
                 continue  # ended meanwhile (abort, stop string), or a prompt chunk that samples nothing
+            if request.first_scheduled_step is None or request.first_scheduled_step > scheduler_output.step_id:
+                continue  # a new request under the id of one that ended while this step ran
             request.num_output_placeholders -= 1
             # A request preempted while this token was in flight keeps it: it was sampled from
             # a complete context, and the recompute will include it.
