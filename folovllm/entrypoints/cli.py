@@ -138,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from folovllm.bench.cli import register as register_bench
     register_bench(sub)
+    from folovllm.entrypoints.openai.cli_args import register as register_serve
+    register_serve(sub)
     return parser
 
 
