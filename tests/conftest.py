@@ -12,6 +12,9 @@ import torch
 
 from interpret_mode import in_ci
 
+# The OpenAI server's fixtures (tests/server/), kept in a module of their own name.
+pytest_plugins = ["server_support"]
+
 # Two cores: let torch use both, and keep tokenizers from spawning more.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -51,7 +51,7 @@ def test_interpreter_tests_without_triton(without_triton, ci):
 def test_any_importorskip_fails_under_ci(tmp_path):
     """conftest turns any module-level skip for a missing import into a failure under CI, even one
     from a bare pytest.importorskip rather than interpret_mode.require."""
-    for name in ("conftest.py", "interpret_mode.py"):
+    for name in ("conftest.py", "interpret_mode.py", "server_support.py"):
         (tmp_path / name).write_text((TESTS / name).read_text())
     (tmp_path / "test_needs_it.py").write_text(
         "import pytest\npytest.importorskip('folovllm_no_such_module')\n\ndef test_it():\n    pass\n")

@@ -1,5 +1,5 @@
 """Completions and chat through the real openai client: streamed == not streamed, greedy tokens
-and logprobs == the offline LLM's, usage counts, batches of prompts, 32 concurrent streams,
+and logprobs == the offline LLM's, usage counts, batches of prompts, 64 concurrent streams,
 /v1/models, /tokenize and /detokenize."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import asyncio
 import httpx
 import pytest
 
-from conftest import CHAT_TEMPLATE, MODEL_NAME
+from server_support import CHAT_TEMPLATE, MODEL_NAME
 from folovllm import SamplingParams
 
 PROMPT = "def!quicksort(arr):"
@@ -148,10 +148,10 @@ def test_chat_logprobs(served):
         assert entry.top_logprobs[0].token == text  # greedy: the sampled token is the best one
 
 
-def test_32_concurrent_streams_get_offline_tokens(served):
+def test_64_concurrent_streams_get_offline_tokens(served):
     import openai
 
-    prompts = [f"p{i}q{'x' * (i % 7)}" for i in range(32)]
+    prompts = [f"p{i}q{'x' * (i % 7)}" for i in range(64)]
     refs = served.offline.generate(prompts, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True),
                                    use_tqdm=False)
 

@@ -7,7 +7,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import KEY, MAX_BODY, MODEL_NAME
+from server_support import KEY, MAX_BODY, MODEL_NAME
 
 
 def post(url, body=None, content=None, headers=None, path="/v1/completions"):

@@ -9,7 +9,7 @@ import time
 
 import httpx
 
-from conftest import MODEL_NAME, metric, scrape
+from server_support import MODEL_NAME, metric, scrape
 
 NAMES = ["vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
          "vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:num_preemptions_total",
@@ -79,12 +79,12 @@ def test_clients_dropping_mid_stream_abort_their_requests(served):
                         break
             got_chunks.append(n)
 
-    threads = [threading.Thread(target=drop, args=(i,)) for i in range(10)]
+    threads = [threading.Thread(target=drop, args=(i,)) for i in range(20)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(30)
-    assert got_chunks == [3] * 10
+    assert got_chunks == [3] * 20
     after = wait_idle(served.url, timeout=5)
     assert served.engine.num_unfinished_requests == 0
     # Aborted, not run to the end: none of them counts as finished.

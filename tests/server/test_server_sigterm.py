@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 
-from conftest import free_port
+from server_support import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,4 +1,5 @@
-"""The OpenAI server, really served: uvicorn on a free loopback port in a background thread, over
+"""Fixtures and helpers of tests/server/ (loaded by tests/conftest.py as a plugin: a second
+conftest.py would shadow the root one for `from conftest import ...`). The OpenAI server, really served: uvicorn on a free loopback port in a background thread, over
 one AsyncLLM on the tiny qwen3 model with the character tokenizer, next to the offline LLM on the
 same folder (the reference every answer is checked against).
 
@@ -15,11 +16,6 @@ import time
 from dataclasses import dataclass
 
 import pytest
-
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
-pytest.importorskip("openai")
-pytest.importorskip("httpx")
 
 # A chat template the character tokenizer can spell (it has no space token).
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
