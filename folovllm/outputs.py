@@ -45,3 +45,4 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics | None = field(default=None, repr=False)
+    num_cached_tokens: int | None = None   # prompt tokens served by the prefix cache

@@ -41,7 +41,8 @@ class Request:
     some tokens of the difference, prompt and generated tokens alike."""
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
-                 arrival_time: float | None = None, prompt: str | None = None) -> None:
+                 arrival_time: float | None = None, prompt: str | None = None,
+                 cache_salt: str | None = None) -> None:
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_token_ids = list(prompt_token_ids)
@@ -56,6 +57,10 @@ class Request:
         # async scheduling the next step is planned as if they were already known.
         self.num_output_placeholders = 0
         self.num_preemptions = 0
+        # Prefix caching: only requests with the same salt share cached blocks; how many prompt
+        # tokens the cache served when the request was first admitted.
+        self.cache_salt = cache_salt
+        self.num_cached_tokens: int | None = None
         # The scheduler step that first ran it (see SchedulerOutput.step_id).
         self.first_scheduled_step: int | None = None
         self.max_tokens = sampling_params.max_tokens

@@ -31,8 +31,9 @@ class KVCacheManager:
         return self.block_pool.get_usage()
 
     def _block_hashes(self, request: Request) -> list[int]:
+        salt = (request.cache_salt,) if request.cache_salt is not None else None
         hashes = hash_request_tokens(self.block_size, request.all_token_ids,
-                                     self.req_to_block_hashes.get(request.request_id, []))
+                                     self.req_to_block_hashes.get(request.request_id, []), salt)
         self.req_to_block_hashes[request.request_id] = hashes
         return hashes
 

@@ -158,6 +158,11 @@ class EngineCore:
     def _update(self, scheduler_output: SchedulerOutput, runner_output) -> list[EngineCoreOutput]:
         return self.scheduler.update_from_output(scheduler_output, runner_output)
 
+    def reset_prefix_cache(self) -> bool:
+        """See Scheduler.reset_prefix_cache. Only the thread that steps may call it."""
+        self.process_inbox()
+        return self.scheduler.reset_prefix_cache()
+
     def stats(self) -> SchedulerStats:
         s = self.scheduler
         kv = s.kv_cache_manager

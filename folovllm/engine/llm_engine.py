@@ -157,5 +157,9 @@ class LLMEngine:
         final = {out.request_id: out for out in self.iter_outputs(ids) if out.finished}
         return {i: final[i] for i in ids}
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget the prefix cache; False (nothing done) while requests hold blocks."""
+        return self.engine_core.reset_prefix_cache()
+
     def shutdown(self) -> None:
         self.engine_core.shutdown()

@@ -27,6 +27,7 @@ class RequestState:
     num_detokenized: int = 0
     logprobs: list[dict[int, float]] | None = None
     cumulative_logprob: float | None = None
+    num_cached_tokens: int | None = None
 
 
 @dataclass
@@ -59,7 +60,8 @@ class OutputProcessor:
         req = state.request
         completion = CompletionOutput(index=0, text=state.detokenizer.output_text,
                                       token_ids=list(state.output_token_ids), finish_reason="abort")
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [completion], True, state.metrics)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [completion], True, state.metrics,
+                             num_cached_tokens=state.num_cached_tokens)
 
     def process(self, core_outputs: list[EngineCoreOutput],
                 first_scheduled: dict[str, float] | None = None) -> ProcessedOutputs:
@@ -83,6 +85,7 @@ class OutputProcessor:
                 metrics = state.metrics
                 if metrics.first_token_time is None and co.new_token_ids:
                     metrics.first_token_time = now
+                    state.num_cached_tokens = co.num_cached_tokens
                 metrics.last_token_time = now
                 state.output_token_ids.extend(co.new_token_ids)
                 if state.logprobs is not None and co.new_logprobs:
@@ -106,7 +109,8 @@ class OutputProcessor:
         req = state.request
         completion = CompletionOutput(index=0, text=state.detokenizer.output_text,
                                       token_ids=list(state.output_token_ids), finish_reason="error")
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [completion], True, state.metrics)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [completion], True, state.metrics,
+                             num_cached_tokens=state.num_cached_tokens)
 
     def _detokenize(self, state: RequestState, co: EngineCoreOutput, now: float,
                     stopped_by_string: list[str]) -> RequestOutput | None:
@@ -134,4 +138,4 @@ class OutputProcessor:
             logprobs=None if state.logprobs is None else list(state.logprobs),
             finish_reason=finish_reason, stop_reason=stop_reason)
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids,
-                             [completion], finished, metrics)
+                             [completion], finished, metrics, num_cached_tokens=state.num_cached_tokens)

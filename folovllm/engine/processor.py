@@ -26,6 +26,15 @@ def _token_ids(ids) -> list[int]:
     return out
 
 
+def _cache_salt(prompt: PromptType) -> str | None:
+    """A dict prompt's `cache_salt`: only requests with the same salt share prefix-cache blocks
+    (so one tenant cannot probe another's prompts by timing)."""
+    salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+    if salt is not None and (not isinstance(salt, str) or not salt):
+        raise ValueError(f"cache_salt must be a non-empty string, got {salt!r}")
+    return salt
+
+
 class Processor:
     def __init__(self, model_config: ModelConfig, tokenizer) -> None:
         self.tokenizer = tokenizer
@@ -68,5 +77,5 @@ class Processor:
         params.verify()  # fields may have been changed since construction
         params.all_stop_token_ids = set(params.stop_token_ids)
         params.update_from_generation_config(self.eos_token_ids)
-        return Request(request_id, token_ids, params, arrival_time, prompt=text)
+        return Request(request_id, token_ids, params, arrival_time, prompt=text, cache_salt=_cache_salt(prompt))
 

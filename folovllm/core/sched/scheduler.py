@@ -37,6 +37,7 @@ class EngineCoreOutput:
     new_logprobs: list[dict[int, float]] | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    num_cached_tokens: int = 0   # prompt tokens the prefix cache served
 
 
 class Scheduler:
@@ -87,6 +88,11 @@ class Scheduler:
         self.kv_cache_manager.free(request)
         self.finished_req_ids.add(request.request_id)
         del self.requests[request.request_id]
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block (say, after changing the weights). Refused (False) while any
+        block is in use."""
+        return self.kv_cache_manager.reset_prefix_cache()
 
     def get_num_unfinished_requests(self) -> int:
         return len(self.waiting) + len(self.running)
@@ -149,6 +155,8 @@ class Scheduler:
                 if new_blocks is None:
                     break
                 request.num_computed_tokens = num_cached
+                if request.num_cached_tokens is None:
+                    request.num_cached_tokens = num_cached
                 if self.kv_cache_manager.enable_caching:
                     self.kv_cache_manager.record_prefix_lookup(request.num_tokens, num_cached)
                 self.waiting.popleft()
@@ -231,7 +239,7 @@ class Scheduler:
                     stopped.append(request)
             outputs.append(EngineCoreOutput(
                 req_id, new_token_ids, req_logprobs[:len(new_token_ids)] if req_logprobs else None,
-                request.get_finished_reason(), request.stop_reason))
+                request.get_finished_reason(), request.stop_reason, request.num_cached_tokens or 0))
         for request in stopped:
             if request in self.running:
                 self.running.remove(request)
