@@ -20,16 +20,13 @@ import itertools
 import threading
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 from folovllm.config import EngineConfig
-from folovllm.engine.core import EngineCore, EngineCoreOutputs, SchedulerStats
-from folovllm.engine.output_processor import OutputProcessor
-from folovllm.engine.processor import Processor, PromptType
-from folovllm.engine.tokenizer import load_tokenizer
+from folovllm.engine.core import EngineCoreOutputs, SchedulerStats
+from folovllm.engine.frontend import EngineFrontend
+from folovllm.engine.processor import PromptType
 from folovllm.logger import init_logger
 from folovllm.outputs import RequestOutput
-from folovllm.request import RequestStatus
 from folovllm.sampling_params import SamplingParams
 
 logger = init_logger(__name__)
@@ -39,15 +36,10 @@ class EngineDeadError(RuntimeError):
     """The engine-core thread stopped on an error: no request can make progress."""
 
 
-class AsyncLLM:
+class AsyncLLM(EngineFrontend):
     def __init__(self, config: EngineConfig) -> None:
         t0 = time.perf_counter()
-        self.config = config
-        self.model_config = config.model_config
-        self.tokenizer = load_tokenizer(config.model_config)
-        self.processor = Processor(config.model_config, self.tokenizer)
-        self.output_processor = OutputProcessor(self.tokenizer)
-        self.engine_core = EngineCore(config)
+        super().__init__(config)
         self.scheduler_stats = SchedulerStats()
         self._streams: dict[str, asyncio.Queue] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -96,15 +88,11 @@ class AsyncLLM:
 
     def _on_core_outputs(self, outputs: EngineCoreOutputs) -> None:
         self.scheduler_stats = outputs.scheduler_stats or self.scheduler_stats
-        processed = self.output_processor.process(outputs.outputs, outputs.first_scheduled)
-        for out in processed.outputs:
+        for out in self._process_core_outputs(outputs):
             stream = self._streams.get(out.request_id)
             if stream is not None:
                 stream.put_nowait(out)
-        if processed.stopped or processed.failed:
-            self.engine_core.finish_requests(processed.stopped, RequestStatus.FINISHED_STOPPED)
-            self.engine_core.finish_requests(processed.failed, RequestStatus.FINISHED_ERROR)
-            self._wake.set()
+        self._wake.set()  # stop strings and failures may have queued work for an idle core
 
     def _fail_all(self, error: BaseException) -> None:
         for stream in self._streams.values():
@@ -172,8 +160,3 @@ class AsyncLLM:
         if self._thread is None or not self._thread.is_alive():
             self.engine_core.shutdown()
 
-    def __enter__(self) -> "AsyncLLM":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.shutdown()

@@ -15,19 +15,16 @@ from collections.abc import Iterator
 from typing import Any
 
 from folovllm.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from folovllm.engine.core import EngineCore
-from folovllm.engine.output_processor import OutputProcessor
-from folovllm.engine.processor import Processor, PromptType
-from folovllm.engine.tokenizer import load_tokenizer
+from folovllm.engine.frontend import EngineFrontend
+from folovllm.engine.processor import PromptType
 from folovllm.logger import init_logger
 from folovllm.outputs import RequestOutput
-from folovllm.request import RequestStatus
 from folovllm.sampling_params import SamplingParams
 
 logger = init_logger(__name__)
 
 
-class LLMEngine:
+class LLMEngine(EngineFrontend):
     def __init__(self, config: EngineConfig | ModelConfig, scheduler_config: SchedulerConfig | None = None,
                  cache_config: CacheConfig | None = None, device: str | None = None, **engine_kwargs: Any) -> None:
         t0 = time.perf_counter()
@@ -43,12 +40,7 @@ class LLMEngine:
         elif overrides:
             import dataclasses
             config = dataclasses.replace(config, **overrides)  # resolved anew from what was asked
-        self.config = config
-        self.model_config = config.model_config
-        self.tokenizer = load_tokenizer(config.model_config)
-        self.processor = Processor(config.model_config, self.tokenizer)
-        self.output_processor = OutputProcessor(self.tokenizer)
-        self.engine_core = EngineCore(config)
+        super().__init__(config)
         self._request_counter = itertools.count()
         self.startup_times = dict(self.engine_core.startup_times, total=time.perf_counter() - t0)
         logger.info("engine ready in %.1f s: %d KV blocks of %d tokens, max_model_len %d, %s on %s",
@@ -119,12 +111,9 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One engine-core step; the RequestOutputs it produced (see EngineCore.step for why,
         with async scheduling, they are those of the step before)."""
-        core = self.engine_core.step()
-        processed = self.output_processor.process(core.outputs, core.first_scheduled)
-        self.engine_core.finish_requests(processed.stopped, RequestStatus.FINISHED_STOPPED)
-        self.engine_core.finish_requests(processed.failed, RequestStatus.FINISHED_ERROR)
-        self.engine_core.process_inbox()
-        return processed.outputs
+        outputs = self._process_core_outputs(self.engine_core.step())
+        self.engine_core.process_inbox()  # this caller also steps the core: end them now
+        return outputs
 
     def iter_outputs(self, request_ids: list[str]) -> Iterator[RequestOutput]:
         """Step until every request in request_ids has finished, yielding each output of theirs

@@ -29,20 +29,21 @@ class _EngineStatsCollector:
     def collect(self):
         s = self.engine.scheduler_stats
         label = [self.model_name]
-        for name, doc, value in (
-                ("vllm:num_requests_running", "Requests in the running batch.", s.num_running_reqs),
-                ("vllm:num_requests_waiting", "Requests waiting to be scheduled.", s.num_waiting_reqs),
-                ("vllm:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0..1).", s.kv_cache_usage)):
-            g = GaugeMetricFamily(name, doc, labels=["model_name"])
-            g.add_metric(label, float(value))
-            yield g
-        for name, doc, value in (
-                ("vllm:num_preemptions", "Preemptions since start-up.", s.num_preemptions),
-                ("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prefix_cache_queries),
-                ("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits)):
-            c = CounterMetricFamily(name, doc, labels=["model_name"])
-            c.add_metric(label, float(value))
-            yield c
+        for family, name, doc, value in (
+                (GaugeMetricFamily, "vllm:num_requests_running", "Requests in the running batch.",
+                 s.num_running_reqs),
+                (GaugeMetricFamily, "vllm:num_requests_waiting", "Requests waiting to be scheduled.",
+                 s.num_waiting_reqs),
+                (GaugeMetricFamily, "vllm:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0..1).",
+                 s.kv_cache_usage),
+                (CounterMetricFamily, "vllm:num_preemptions", "Preemptions since start-up.", s.num_preemptions),
+                (CounterMetricFamily, "vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                 s.prefix_cache_queries),
+                (CounterMetricFamily, "vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+                 s.prefix_cache_hits)):
+            metric = family(name, doc, labels=["model_name"])
+            metric.add_metric(label, float(value))
+            yield metric
 
 
 class ServerMetrics:

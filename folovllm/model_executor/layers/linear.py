@@ -122,6 +122,12 @@ class LinearBase(nn.Module):
         else:
             self.bias = None  # a plain attribute: read on every forward, faster than a None parameter
 
+    def _load_rank_slice(self, param: nn.Parameter, loaded_weight: torch.Tensor, dim: int | None,
+                         name: str) -> None:
+        """This rank's slice of the checkpoint tensor along `dim` (the whole tensor when None)."""
+        size = param.shape[dim] if dim is not None else 0
+        _load_shard(param.data, loaded_weight, dim, self.tp_rank * size, size * self.tp_size, name)
+
     def extra_repr(self) -> str:
         return (f"in={self.input_size_per_partition}, out={self.output_partition_sizes}, "
                 f"bias={self.bias is not None}, tp={self.tp_rank}/{self.tp_size}, "
@@ -164,9 +170,7 @@ class ColumnParallelLinear(LinearBase):
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, loaded_shard_id=None,
                       name: str = "") -> None:
-        dim = getattr(param, "output_dim", None)
-        size = param.shape[dim] if dim is not None else 0
-        _load_shard(param.data, loaded_weight, dim, self.tp_rank * size, size * self.tp_size, name)
+        self._load_rank_slice(param, loaded_weight, getattr(param, "output_dim", None), name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.quant_method.apply(self, x, self.bias)
@@ -277,9 +281,7 @@ class RowParallelLinear(LinearBase):
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, loaded_shard_id=None,
                       name: str = "") -> None:
-        dim = getattr(param, "input_dim", None)
-        size = param.shape[dim] if dim is not None else 0
-        _load_shard(param.data, loaded_weight, dim, self.tp_rank * size, size * self.tp_size, name)
+        self._load_rank_slice(param, loaded_weight, getattr(param, "input_dim", None), name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:

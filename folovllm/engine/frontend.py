@@ -1,0 +1,33 @@
+"""What LLMEngine and AsyncLLM share: the three parts of one engine and how a step's outputs go
+back to the core. They differ only in who steps the core (the caller, or a background thread)."""
+
+from __future__ import annotations
+
+from folovllm.config import EngineConfig
+from folovllm.engine.core import EngineCore, EngineCoreOutputs
+from folovllm.engine.output_processor import OutputProcessor
+from folovllm.engine.processor import Processor
+from folovllm.engine.tokenizer import load_tokenizer
+from folovllm.outputs import RequestOutput
+from folovllm.request import RequestStatus
+
+
+class EngineFrontend:
+    """Processor (validation, tokenization) + EngineCore + OutputProcessor (detokenization, stop
+    strings), built from one resolved config."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.model_config = config.model_config
+        self.tokenizer = load_tokenizer(config.model_config)
+        self.processor = Processor(config.model_config, self.tokenizer)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self.engine_core = EngineCore(config)
+
+    def _process_core_outputs(self, core_outputs: EngineCoreOutputs) -> list[RequestOutput]:
+        """One step's RequestOutputs; the requests a stop string ended, or whose processing
+        failed, are queued to end in the core too."""
+        processed = self.output_processor.process(core_outputs.outputs, core_outputs.first_scheduled)
+        self.engine_core.finish_requests(processed.stopped, RequestStatus.FINISHED_STOPPED)
+        self.engine_core.finish_requests(processed.failed, RequestStatus.FINISHED_ERROR)
+        return processed.outputs
