@@ -59,7 +59,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     model = ns.model or serve.model_of(ns.base_url, ns.api_key)
     requests = serve.serve_workload(ns.num_prompts, ns.input_len_range, ns.output_len_range, ns.seed)
     result = asyncio.run(serve.run_async(ns.base_url, model, requests, ns.request_rate, ns.max_concurrency,
-                                         ns.temperature, ns.seed, ns.api_key, progress=not ns.no_progress))
+                                         ns.temperature, ns.seed, ns.api_key, progress=not ns.no_progress,
+                                         num_warmups=ns.num_warmups))
     result.update(kind="serve", base_url=ns.base_url, model=model, request_rate=ns.request_rate,
                   max_concurrency=ns.max_concurrency)
     print(serve.report(result))
@@ -120,6 +121,10 @@ def register(subparsers) -> None:
     tp.add_argument("--backend", choices=("folovllm", "hf"), default="folovllm",
                     help="hf: transformers' continuous batching on the same workload, in this process")
     tp.add_argument("--num-prompts", type=int, default=256)
+    tp.add_argument("--workload", choices=("throughput", "serve"), default="throughput",
+                    help="serve: the requests `bench serve` sends (same lengths, ids and seed), run offline, "
+                         "to hold the server's saturation figure to (give its --num-prompts, ranges and "
+                         "--temperature 0 too)")
     tp.add_argument("--input-len-range", type=parse_range, default=(100, 1024), help="LO,HI (inclusive)")
     tp.add_argument("--output-len-range", type=parse_range, default=(100, 1024), help="LO,HI (inclusive)")
     tp.add_argument("--temperature", type=float, default=0.6)
@@ -156,6 +161,8 @@ def register(subparsers) -> None:
     sv.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight at once")
     sv.add_argument("--temperature", type=float, default=0.0)
     sv.add_argument("--seed", type=int, default=0)
+    sv.add_argument("--num-warmups", type=int, default=4,
+                    help="untimed requests (the workload's first prompts, 16 tokens each) sent first")
     sv.add_argument("--no-progress", action="store_true")
     sv.add_argument("--output-json", default=None)
     sv.set_defaults(func=cmd_serve)

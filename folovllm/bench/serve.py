@@ -60,31 +60,35 @@ def summarize(results: list[RequestResult], wall: float) -> dict:
     for name, values in series.items():
         out[f"{name}_ms"] = dict(mean=1e3 * statistics.fmean(values) if values else float("nan"),
                                  median=1e3 * percentile(values, 50), p99=1e3 * percentile(values, 99))
+    out["num_itl"] = len(series["itl"])
     out["errors"] = sorted({r.error for r in results if not r.ok})[:5]
     return out
 
 
-async def send_one(client, url: str, model: str, req: BenchRequest, temperature: float) -> RequestResult:
+async def send_one(session, url: str, model: str, req: BenchRequest, temperature: float) -> RequestResult:
     body = {"model": model, "prompt": req.prompt_token_ids, "max_tokens": req.output_len, "ignore_eos": True,
-            "temperature": temperature, "stream": True, "stream_options": {"include_usage": True}}
+            "temperature": temperature, "stream": True, "stream_options": {"include_usage": True},
+            # vLLM's extra, so that tokens are seen arriving even where the server has no tokenizer
+            # (dummy weights); servers without it ignore the field and send text.
+            "return_token_ids": True}
     t0 = time.perf_counter()
     result = RequestResult(ok=False)
     last = None
     try:
-        async with client.stream("POST", url, json=body) as resp:
-            if resp.status_code != 200:
-                result.error = f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
+        async with session.post(url, json=body) as resp:
+            if resp.status != 200:
+                result.error = f"HTTP {resp.status}: {(await resp.read())[:200]!r}"
                 return result
-            async for line in resp.aiter_lines():
-                if not line.startswith("data: "):
+            async for line in resp.content:  # one server-sent-event line at a time
+                if not line.startswith(b"data: "):
                     continue
-                data = line[6:]
-                if data == "[DONE]":
+                data = line[6:].strip()
+                if data == b"[DONE]":
                     break
                 chunk = json.loads(data)
                 if chunk.get("usage"):
                     result.output_tokens = chunk["usage"]["completion_tokens"]
-                if any(c.get("text") for c in chunk.get("choices", [])):
+                if any(c.get("text") or c.get("token_ids") for c in chunk.get("choices", [])):
                     now = time.perf_counter()
                     if last is None:
                         result.ttft = now - t0
@@ -103,8 +107,11 @@ async def send_one(client, url: str, model: str, req: BenchRequest, temperature:
 
 async def run_async(base_url: str, model: str, requests: list[BenchRequest], request_rate: float,
                     max_concurrency: int | None, temperature: float, seed: int, api_key: str | None,
-                    progress: bool = True) -> dict:
-    import httpx
+                    progress: bool = True, num_warmups: int = 0) -> dict:
+    """The client runs on aiohttp: at tens of thousands of streamed tokens per second a slower
+    client becomes the bottleneck being measured (bench serve's own CPU time is worth checking
+    next to the server's; benchmarks/serve_comparison.sh records both)."""
+    import aiohttp
     from tqdm.auto import tqdm
 
     url = base_url.rstrip("/") + "/v1/completions"
@@ -112,17 +119,24 @@ async def run_async(base_url: str, model: str, requests: list[BenchRequest], req
     gate = asyncio.Semaphore(max_concurrency) if max_concurrency else None
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     bar = tqdm(total=len(requests), desc="Requests", disable=not progress, dynamic_ncols=True)
-    limits = httpx.Limits(max_connections=max_concurrency or len(requests) or 1)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(None), limits=limits, headers=headers) as client:
+    connector = aiohttp.TCPConnector(limit=max_concurrency or 0, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers,
+                                     read_bufsize=2 ** 20) as session:
         async def one(req: BenchRequest) -> RequestResult:
             if gate is None:
-                r = await send_one(client, url, model, req, temperature)
+                r = await send_one(session, url, model, req, temperature)
             else:
                 async with gate:
-                    r = await send_one(client, url, model, req, temperature)
+                    r = await send_one(session, url, model, req, temperature)
             bar.update(1)
             return r
 
+        # Untimed warm-up: a few of the workload's prompts with short outputs, so that the server's
+        # first-step costs (allocator pools, kernel caches) stay out of the figures.
+        warm = [BenchRequest(r.prompt_token_ids, min(r.output_len, 16)) for r in requests[:num_warmups]]
+        if warm:
+            await asyncio.gather(*(send_one(session, url, model, r, temperature) for r in warm))
         tasks = []
         t0 = time.perf_counter()
         for req in requests:
@@ -137,12 +151,12 @@ async def run_async(base_url: str, model: str, requests: list[BenchRequest], req
 
 def model_of(base_url: str, api_key: str | None) -> str:
     """The first model the server lists (what --model defaults to)."""
-    import httpx
+    import urllib.request
 
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    resp = httpx.get(base_url.rstrip("/") + "/v1/models", headers=headers, timeout=30)
-    resp.raise_for_status()
-    return resp.json()["data"][0]["id"]
+    req = urllib.request.Request(base_url.rstrip("/") + "/v1/models",
+                                 headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())["data"][0]["id"]
 
 
 def report(result: dict) -> str:

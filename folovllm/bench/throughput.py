@@ -70,8 +70,14 @@ def run_hf(model: str, device: torch.device, dtype: torch.dtype, requests: list[
 def run(ns, engine_args: EngineArgs) -> dict:
     model, hf_config, device, dtype = resolve_target(engine_args)
     # Ids below the vocabulary of a tiny test model too.
-    requests = throughput_workload(ns.num_prompts, ns.input_len_range, ns.output_len_range, engine_args.seed,
-                                   min(TOKEN_ID_LIMIT, hf_config.vocab_size))
+    limit = min(TOKEN_ID_LIMIT, hf_config.vocab_size)
+    if getattr(ns, "workload", "throughput") == "serve":
+        # The serve benchmark's requests, run offline: what the server at saturation is held to.
+        from folovllm.bench.serve import serve_workload
+        requests = serve_workload(ns.num_prompts, ns.input_len_range, ns.output_len_range, engine_args.seed, limit)
+    else:
+        requests = throughput_workload(ns.num_prompts, ns.input_len_range, ns.output_len_range, engine_args.seed,
+                                       limit)
     ceilings = measure_ceilings(device, dtype)  # before the engine takes the memory
     if ns.backend == "folovllm":
         res = run_folovllm(engine_args, requests, ns.temperature)
@@ -86,7 +92,9 @@ def run(ns, engine_args: EngineArgs) -> dict:
     notes = []
     standard = (tuple(ns.input_len_range), tuple(ns.output_len_range), engine_args.seed, ns.temperature) == \
         ((100, 1024), (100, 1024), 0, 0.6)
-    if not standard or ns.num_prompts > FULL_WORKLOAD_PROMPTS:
+    if getattr(ns, "workload", "throughput") == "serve":
+        notes.append("the serve workload's requests, offline")
+    elif not standard or ns.num_prompts > FULL_WORKLOAD_PROMPTS:
         notes.append("NOT the BENCHMARKS.md workload (count, lengths, seed or temperature changed)")
     elif ns.num_prompts < FULL_WORKLOAD_PROMPTS:
         notes.append(f"SUBSET: the first {ns.num_prompts} of the {FULL_WORKLOAD_PROMPTS} requests")

@@ -36,9 +36,18 @@ class EngineDeadError(RuntimeError):
     """The engine-core thread stopped on an error: no request can make progress."""
 
 
+ENGINE_CORE_MODES = ("process", "thread")
+
+
 class AsyncLLM(EngineFrontend):
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, engine_core: str = "process") -> None:
+        """engine_core: "process" (default) runs the core in a process of its own
+        (engine/core_client.py); "thread" steps it from a thread of this process, sharing the
+        GIL with the HTTP work (docs/serving.md has the measurements behind the default)."""
+        if engine_core not in ENGINE_CORE_MODES:
+            raise ValueError(f"engine_core must be one of {ENGINE_CORE_MODES}, got {engine_core!r}")
         t0 = time.perf_counter()
+        self.engine_core_mode = engine_core
         super().__init__(config)
         self.scheduler_stats = SchedulerStats()
         self._streams: dict[str, asyncio.Queue] = {}
@@ -51,19 +60,42 @@ class AsyncLLM(EngineFrontend):
         logger.info("async engine ready in %.1f s", time.perf_counter() - t0)
 
     @classmethod
-    def from_engine_args(cls, engine_args) -> "AsyncLLM":
-        return cls(engine_args.create_engine_config())
+    def from_engine_args(cls, engine_args, engine_core: str = "process") -> "AsyncLLM":
+        return cls(engine_args.create_engine_config(), engine_core=engine_core)
+
+    def _make_engine_core(self, config: EngineConfig):
+        if self.engine_core_mode == "process":
+            from folovllm.engine.core_client import EngineCoreProcClient
+            return EngineCoreProcClient(config)
+        return super()._make_engine_core(config)
 
     # ---- the engine-core thread ---------------------------------------------------------
 
     def _ensure_started(self) -> None:
         # Outputs go to the loop of the latest caller (a server has one loop for its life).
         self._loop = asyncio.get_running_loop()
-        if self._thread is None:
+        if self.engine_core_mode == "process":
+            self.engine_core.start_output_thread(self._from_core_thread, self._core_died)
+        elif self._thread is None:
             self._thread = threading.Thread(target=self._run_core, name="folovllm-engine-core", daemon=True)
             self._thread.start()
         if self._dead is not None:
             raise EngineDeadError(f"the engine stopped on an error: {self._dead!r}")
+
+    def _from_core_thread(self, outputs: EngineCoreOutputs) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._on_core_outputs, outputs)
+        except RuntimeError:  # that loop has closed: nobody is listening any more
+            pass
+
+    def _core_died(self, error: BaseException) -> None:
+        logger.error("%s", error)
+        self._dead = error
+        if self._loop is not None and not self._loop.is_closed():
+            try:
+                self._loop.call_soon_threadsafe(self._fail_all, error)
+            except RuntimeError:
+                pass
 
     def _run_core(self) -> None:
         core = self.engine_core
@@ -73,16 +105,10 @@ class AsyncLLM(EngineFrontend):
                 if not core.has_work():
                     self._wake.wait(timeout=0.5)  # idle until a request arrives
                     continue
-                outputs = core.step()
-                try:
-                    self._loop.call_soon_threadsafe(self._on_core_outputs, outputs)
-                except RuntimeError:  # that loop has closed: nobody is listening any more
-                    pass
+                self._from_core_thread(core.step())
         except BaseException as e:  # noqa: BLE001  every stream must hear of it
             logger.exception("the engine-core loop stopped")
-            self._dead = e
-            if self._loop is not None and not self._loop.is_closed():
-                self._loop.call_soon_threadsafe(self._fail_all, e)
+            self._core_died(e)
 
     # ---- the event loop -------------------------------------------------------------------
 
@@ -118,6 +144,10 @@ class AsyncLLM(EngineFrontend):
         try:
             while True:
                 out = await stream.get()
+                # Outputs are cumulative, so when the consumer is behind (many streams, a busy
+                # loop) only the newest matters: one event carries all the tokens since the last.
+                while not isinstance(out, BaseException) and not out.finished and not stream.empty():
+                    out = stream.get_nowait()
                 if isinstance(out, BaseException):
                     raise out
                 finished = out.finished
@@ -155,6 +185,9 @@ class AsyncLLM(EngineFrontend):
             self.abort(list(self._streams))
         self._stop.set()
         self._wake.set()
+        if self.engine_core_mode == "process":
+            self.engine_core.shutdown(timeout)
+            return
         if self._thread is not None:
             self._thread.join(timeout)
         if self._thread is None or not self._thread.is_alive():

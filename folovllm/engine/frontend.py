@@ -22,7 +22,12 @@ class EngineFrontend:
         self.tokenizer = load_tokenizer(config.model_config)
         self.processor = Processor(config.model_config, self.tokenizer)
         self.output_processor = OutputProcessor(self.tokenizer)
-        self.engine_core = EngineCore(config)
+        self.engine_core = self._make_engine_core(config)
+
+    def _make_engine_core(self, config: EngineConfig):
+        """The core, or something with its add/abort/finish methods (AsyncLLM may put the core
+        in a process of its own: engine/core_client.py)."""
+        return EngineCore(config)
 
     def _process_core_outputs(self, core_outputs: EngineCoreOutputs) -> list[RequestOutput]:
         """One step's RequestOutputs; the requests a stop string ended, or whose processing

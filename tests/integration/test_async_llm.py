@@ -1,10 +1,16 @@
-"""AsyncLLM, the engine the server runs: the core steps in a background thread, each request has
-its own async stream, many streams share every step, and a stream whose consumer leaves aborts
-its request."""
+"""AsyncLLM, the engine the server runs: the core steps in a process of its own (or a background
+thread), each request has its own async stream, many streams share every step, and a stream whose
+consumer leaves aborts its request. Each behaviour is checked with the core in both places."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 
 import pytest
 import torch
@@ -21,12 +27,25 @@ def prompts(n: int, seed: int = 0) -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def engines(tiny_models):
-    path, _ = tiny_models["qwen3"]
-    kw = dict(model=path, device="cpu", max_num_seqs=8, max_num_batched_tokens=64, block_size=8)
-    async_llm = AsyncLLM.from_engine_args(EngineArgs(**kw))
-    yield async_llm, LLM(**kw)
+def offline(tiny_models):
+    return LLM(**engine_kw(tiny_models))
+
+
+def engine_kw(tiny_models) -> dict:
+    return dict(model=tiny_models["qwen3"][0], device="cpu", max_num_seqs=8, max_num_batched_tokens=64, block_size=8)
+
+
+@pytest.fixture(scope="module", params=["process", "thread"])
+def engines(request, tiny_models, offline):
+    async_llm = AsyncLLM.from_engine_args(EngineArgs(**engine_kw(tiny_models)), engine_core=request.param)
+    yield async_llm, offline
     async_llm.shutdown()
+
+
+def kv_blocks_free(llm: AsyncLLM) -> bool:
+    """Every KV block free, from the counters the core sends after each step (as /metrics reads
+    them): the same in both modes."""
+    return llm.scheduler_stats.kv_cache_usage == 0.0 and llm.scheduler_stats.num_running_reqs == 0
 
 
 async def collect(llm: AsyncLLM, prompt, params):
@@ -68,11 +87,14 @@ def test_a_consumer_that_leaves_aborts_its_request(engines):
     short = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
     [p1, p2] = prompts(2, seed=2)
 
+    busy = []  # KV usage seen while the long request ran
+
     async def leaver():
         n = 0
         stream = async_llm.generate({"prompt_token_ids": p1}, long)
         async for _ in stream:
             n += 1
+            busy.append(async_llm.scheduler_stats.kv_cache_usage)
             if n == 2:
                 break
         await stream.aclose()
@@ -80,8 +102,8 @@ def test_a_consumer_that_leaves_aborts_its_request(engines):
 
     async def main():
         left, (last, _) = await asyncio.gather(leaver(), collect(async_llm, p2, short))
-        for _ in range(100):  # the abort is applied at the core's next step
-            if async_llm.engine_core.get_num_unfinished_requests() == 0:
+        for _ in range(250):  # the abort is applied at the core's next step
+            if kv_blocks_free(async_llm):
                 break
             await asyncio.sleep(0.02)
         return left, last
@@ -90,10 +112,8 @@ def test_a_consumer_that_leaves_aborts_its_request(engines):
     assert left == 2
     [ref] = offline.generate([{"prompt_token_ids": p2}], short, use_tqdm=False)
     assert last.outputs[0].token_ids == ref.outputs[0].token_ids
-    core = async_llm.engine_core
-    assert core.get_num_unfinished_requests() == 0
-    pool = core.scheduler.kv_cache_manager.block_pool
-    assert pool.get_num_free_blocks() == pool.num_blocks
+    assert max(busy) > 0  # the counters are live: the long request held blocks
+    assert kv_blocks_free(async_llm)
 
 
 def test_bad_input_raises_before_anything_is_queued(engines):
@@ -113,7 +133,7 @@ def test_bad_input_raises_before_anything_is_queued(engines):
 def test_a_dead_engine_fails_every_stream(tiny_models, monkeypatch):
     """If the core's loop raises, each waiting stream gets EngineDeadError instead of hanging,
     and so does any later request."""
-    llm = AsyncLLM.from_engine_args(EngineArgs(model=tiny_models["qwen2"][0], device="cpu"))
+    llm = AsyncLLM.from_engine_args(EngineArgs(model=tiny_models["qwen2"][0], device="cpu"), engine_core="thread")
 
     def broken_step():
         raise RuntimeError("the device fell over")
@@ -132,10 +152,11 @@ def test_a_dead_engine_fails_every_stream(tiny_models, monkeypatch):
         llm.shutdown()
 
 
-def test_abort_and_shutdown_end_the_streams_being_read(tiny_models):
+@pytest.mark.parametrize("mode", ["process", "thread"])
+def test_abort_and_shutdown_end_the_streams_being_read(tiny_models, mode):
     """abort() gives the stream it ends a last output (finish_reason 'abort') instead of leaving
     its reader waiting; shutdown() does the same for every stream."""
-    llm = AsyncLLM.from_engine_args(EngineArgs(model=tiny_models["llama"][0], device="cpu"))
+    llm = AsyncLLM.from_engine_args(EngineArgs(model=tiny_models["llama"][0], device="cpu"), engine_core=mode)
     long = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
 
     async def read(request_id, prompt):
@@ -159,3 +180,92 @@ def test_abort_and_shutdown_end_the_streams_being_read(tiny_models):
     for outs in (xs, ys):
         assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "abort"
         assert len(outs[-1].outputs[0].token_ids) < 400
+
+
+def test_a_killed_engine_process_fails_every_stream(tiny_models):
+    """The core's process killed mid-stream (out of memory, a crash): the stream being read and
+    any later request get EngineDeadError within seconds, naming the exit."""
+    llm = AsyncLLM.from_engine_args(EngineArgs(model=tiny_models["qwen2"][0], device="cpu"))
+    child = llm.engine_core.process
+    long = SamplingParams(temperature=0.0, max_tokens=5000, ignore_eos=True)
+
+    async def main():
+        got = 0
+        with pytest.raises(EngineDeadError, match="died"):
+            async with asyncio.timeout(20):
+                async for _ in llm.generate({"prompt_token_ids": [5, 6, 7]}, long):
+                    got += 1
+                    if got == 3:
+                        os.kill(child.pid, signal.SIGKILL)
+        with pytest.raises(EngineDeadError):
+            await collect(llm, [5], SamplingParams(max_tokens=3))
+        return got
+
+    try:
+        assert asyncio.run(main()) >= 3
+    finally:
+        llm.shutdown()
+    assert not child.is_alive()
+
+
+def test_shutdown_and_a_dead_parent_leave_no_engine_process(tiny_models, tmp_path):
+    """shutdown() ends the core's process; and a parent killed with SIGKILL (no clean-up at all)
+    leaves no orphan: the child sees its parent gone and exits within seconds."""
+    llm = AsyncLLM.from_engine_args(EngineArgs(model=tiny_models["llama"][0], device="cpu"))
+    child = llm.engine_core.process
+    assert child.is_alive()
+    llm.shutdown()
+    assert not child.is_alive()
+
+    script = tmp_path / "parent.py"
+    script.write_text(textwrap.dedent(f"""
+        import time
+        from folovllm.engine.arg_utils import EngineArgs
+        from folovllm.engine.async_llm import AsyncLLM
+        if __name__ == "__main__":  # the engine-core process is spawned: it imports this module
+            llm = AsyncLLM.from_engine_args(EngineArgs(model={tiny_models["llama"][0]!r}, device="cpu"))
+            print(llm.engine_core.process.pid, flush=True)
+            time.sleep(600)
+    """))
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        child_pid = int(parent.stdout.readline())
+        assert pid_alive(child_pid)
+        parent.kill()
+        parent.wait(10)
+        deadline = time.monotonic() + 10
+        while pid_alive(child_pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not pid_alive(child_pid), "the engine-core process outlived its killed parent"
+    finally:
+        parent.kill()
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+def test_a_stream_that_falls_behind_gets_merged_outputs(engines):
+    """A reader slower than the engine: the outputs that piled up reach it as one (outputs are
+    cumulative), so it sees fewer outputs than tokens, each one extending the last, and ends with
+    the offline tokens."""
+    async_llm, offline = engines
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    [prompt] = prompts(1, seed=5)
+
+    async def main():
+        seen = []
+        async for out in async_llm.generate({"prompt_token_ids": prompt}, params):
+            seen.append(list(out.outputs[0].token_ids))
+            await asyncio.sleep(0.05)  # far slower than a step of the tiny model
+        return seen
+
+    seen = asyncio.run(main())
+    [ref] = offline.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
+    assert seen[-1] == ref.outputs[0].token_ids
+    assert len(seen) < 40 // 2
+    assert all(b[:len(a)] == a and len(b) > len(a) for a, b in zip(seen, seen[1:]))

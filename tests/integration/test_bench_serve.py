@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-pytest.importorskip("httpx")
+pytest.importorskip("aiohttp")
 starlette = pytest.importorskip("starlette")
 uvicorn = pytest.importorskip("uvicorn")
 
@@ -42,7 +42,10 @@ def stand_in_app(seen: list[dict]) -> Starlette:
             for i in range(body["max_tokens"]):
                 if i:
                     await asyncio.sleep(GAP)
-                yield f"data: {json.dumps({'choices': [{'index': 0, 'text': 'x'}]})}\n\n"
+                # 7 tokens: a server without a tokenizer, whose chunks carry token ids, no text
+                choice = {"index": 0, "text": "", "token_ids": [i]} if body["max_tokens"] == 7 else \
+                    {"index": 0, "text": "x"}
+                yield f"data: {json.dumps({'choices': [choice]})}\n\n"
             usage = {"prompt_tokens": len(body["prompt"]), "completion_tokens": body["max_tokens"],
                      "total_tokens": len(body["prompt"]) + body["max_tokens"]}
             yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
@@ -74,10 +77,13 @@ def stand_in():
 def test_client_measures_the_stand_in_timing(stand_in):
     url, seen = stand_in
     seen.clear()
-    reqs = [serve.BenchRequest([1, 2, 3], 5), serve.BenchRequest([4, 5], 8), serve.BenchRequest([6], 13)]
+    reqs = [serve.BenchRequest([1, 2, 3], 5), serve.BenchRequest([4, 5], 8), serve.BenchRequest([6], 13),
+            serve.BenchRequest([7], 7)]
     result = asyncio.run(serve.run_async(url, "stand-in", reqs, float("inf"), None, 0.0, 0, None, progress=False))
-    assert (result["completed"], result["failed"]) == (2, 1)
-    assert result["output_tokens"] == 5 + 8
+    assert (result["completed"], result["failed"]) == (3, 1)
+    assert result["output_tokens"] == 5 + 8 + 7
+    # Every token after a request's first is one inter-token gap, text or token ids alike.
+    assert result["num_itl"] == 4 + 7 + 6
     assert "HTTP 400" in result["errors"][0]
     # Hand-derived: TTFT = FIRST, every later gap = GAP, TPOT = GAP, E2EL = FIRST + (n - 1) GAP.
     assert FIRST <= result["ttft_ms"]["median"] / 1e3 < FIRST + 0.04
@@ -88,6 +94,19 @@ def test_client_measures_the_stand_in_timing(stand_in):
     body = seen[0]
     assert body["prompt"] == [1, 2, 3] and body["ignore_eos"] is True and body["stream"] is True
     assert body["stream_options"] == {"include_usage": True} and body["model"] == "stand-in"
+    assert body["return_token_ids"] is True
+
+
+def test_warmup_requests_are_sent_first_and_not_timed(stand_in):
+    url, seen = stand_in
+    seen.clear()
+    reqs = [serve.BenchRequest([1, 2], 40), serve.BenchRequest([3], 30), serve.BenchRequest([4], 3)]
+    result = asyncio.run(serve.run_async(url, "stand-in", reqs, float("inf"), None, 0.0, 0, None,
+                                         progress=False, num_warmups=2))
+    # The first two prompts again, capped at 16 tokens, before the timed three.
+    assert [(b["prompt"], b["max_tokens"]) for b in seen[:2]] == [([1, 2], 16), ([3], 16)]
+    assert [(b["prompt"], b["max_tokens"]) for b in seen[2:]] == [([1, 2], 40), ([3], 30), ([4], 3)]
+    assert result["completed"] == 3 and result["output_tokens"] == 73
 
 
 def test_poisson_arrivals_spread_the_requests(stand_in):
@@ -108,7 +127,7 @@ def test_the_command_line_runs_the_workload(stand_in, tmp_path, capsys):
     url, seen = stand_in
     seen.clear()
     out = tmp_path / "serve.json"
-    rc = main(["bench", "serve", "--base-url", url, "--num-prompts", "4", "--input-len-range", "3,5",
+    rc = main(["bench", "serve", "--base-url", url, "--num-prompts", "4", "--num-warmups", "0", "--input-len-range", "3,5",
                "--output-len-range", "2,3", "--no-progress", "--output-json", str(out)])
     assert rc == 0
     result = json.loads(out.read_text())

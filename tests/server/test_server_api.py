@@ -210,3 +210,33 @@ def openai_client(url):
     import openai
 
     return openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+
+
+def test_return_token_ids_without_a_tokenizer(served, tiny_models):
+    """vLLM's return_token_ids: with no tokenizer the text is empty, so the ids are how a client
+    (bench serve) sees tokens arrive. Non-streamed and streamed give transformers' greedy ids;
+    the prompt's ids come once, with the first chunk."""
+    import json
+
+    import torch
+
+    _, hf = tiny_models["llama"]
+    prompt = [5, 17, 42, 99]
+    with torch.no_grad():
+        want = hf.generate(torch.tensor([prompt]), max_new_tokens=7, do_sample=False, min_new_tokens=7,
+                           pad_token_id=0)[0, len(prompt):].tolist()
+    body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": 7, "temperature": 0.0, "ignore_eos": True,
+            "return_token_ids": True}
+    full = httpx.post(served.ids_url + "/v1/completions", json=body, timeout=30).json()["choices"][0]
+    assert full["token_ids"] == want and full["prompt_token_ids"] == prompt
+    ids, prompts = [], []
+    with httpx.stream("POST", served.ids_url + "/v1/completions", json={**body, "stream": True}, timeout=30) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                for c in json.loads(line[6:])["choices"]:
+                    ids += c["token_ids"]
+                    prompts.append(c.get("prompt_token_ids"))
+    assert ids == want
+    assert prompts[0] == prompt and all(p is None for p in prompts[1:])
+    plain = httpx.post(served.ids_url + "/v1/completions", json={**body, "return_token_ids": False}, timeout=30)
+    assert "token_ids" not in plain.json()["choices"][0]

@@ -148,6 +148,12 @@ def build_app(engine, served_model_name: str, api_key: str | None = None,
         completion = sum(len(o.outputs[0].token_ids) for o in finals)
         return p.UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
+    def ids_of(req, prompt_ids, token_ids) -> dict:
+        """The token-id fields of a choice when the request asked for them (return_token_ids)."""
+        if not req.return_token_ids:
+            return {}
+        return dict(prompt_token_ids=None if prompt_ids is None else list(prompt_ids), token_ids=list(token_ids))
+
     def sse(obj: BaseModel) -> str:
         return f"data: {obj.model_dump_json()}\n\n"
 
@@ -246,7 +252,8 @@ def build_app(engine, served_model_name: str, api_key: str | None = None,
                 prefix = echo_text(out) if req.echo else ""
                 lp = None if c.logprobs is None else completion_logprobs(c.token_ids, c.logprobs, 0)
                 choices.append(p.CompletionChoice(index=i, text=prefix + c.text, logprobs=lp,
-                                                  finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+                                                  finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                                                  **ids_of(req, out.prompt_token_ids, c.token_ids)))
             return p.CompletionResponse(id=request_id, created=created, model=served_model_name,
                                         choices=choices, usage=usage_of(finals)).model_dump()
 
@@ -264,6 +271,7 @@ def build_app(engine, served_model_name: str, api_key: str | None = None,
                     if req.echo and sent_tokens[i] == 0 and sent_text[i] == 0:
                         text = echo_text(out) + text
                     new_ids = c.token_ids[sent_tokens[i]:]
+                    sent_before = sent_tokens[i]
                     lp = None
                     if c.logprobs is not None:
                         lp = completion_logprobs(new_ids, c.logprobs[sent_tokens[i]:], offsets[i])
@@ -273,9 +281,11 @@ def build_app(engine, served_model_name: str, api_key: str | None = None,
                         finals[i] = out
                     if not text and not out.finished and not new_ids:
                         continue
+                    first = sent_before == 0
                     choice = p.CompletionChoice(index=i, text=text, logprobs=lp,
                                                 finish_reason=c.finish_reason if out.finished else None,
-                                                stop_reason=c.stop_reason if out.finished else None)
+                                                stop_reason=c.stop_reason if out.finished else None,
+                                                **ids_of(req, out.prompt_token_ids if first else None, new_ids))
                     yield sse(p.CompletionResponse(id=request_id, created=created, model=served_model_name,
                                                    choices=[choice]))
                 if include_usage:
@@ -305,7 +315,8 @@ def build_app(engine, served_model_name: str, api_key: str | None = None,
             c = finals[0].outputs[0]
             lp = None if c.logprobs is None else chat_logprobs(c.token_ids, c.logprobs, top_n)
             choice = p.ChatCompletionChoice(index=0, message=p.ChatResponseMessage(content=c.text), logprobs=lp,
-                                            finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+                                            finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                                            **ids_of(req, finals[0].prompt_token_ids, c.token_ids))
             return p.ChatCompletionResponse(id=request_id, created=created, model=served_model_name,
                                             choices=[choice], usage=usage_of(finals)).model_dump()
 
@@ -323,6 +334,7 @@ def build_app(engine, served_model_name: str, api_key: str | None = None,
                 async for _, out in runs.outputs(started):
                     c = out.outputs[0]
                     text, new_ids = c.text[sent_text:], c.token_ids[sent_tokens:]
+                    first = sent_tokens == 0
                     lp = None if c.logprobs is None else chat_logprobs(new_ids, c.logprobs[sent_tokens:], top_n)
                     sent_text, sent_tokens = len(c.text), len(c.token_ids)
                     if out.finished:
@@ -331,7 +343,9 @@ def build_app(engine, served_model_name: str, api_key: str | None = None,
                         continue
                     yield chunk([p.ChatStreamChoice(index=0, delta=p.DeltaMessage(content=text), logprobs=lp,
                                                     finish_reason=c.finish_reason if out.finished else None,
-                                                    stop_reason=c.stop_reason if out.finished else None)])
+                                                    stop_reason=c.stop_reason if out.finished else None,
+                                                    **ids_of(req, out.prompt_token_ids if first else None,
+                                                             new_ids))])
                 if include_usage:
                     yield chunk([], usage_of([final]))
                 yield "data: [DONE]\n\n"
@@ -360,7 +374,7 @@ def run_server(args: argparse.Namespace) -> int:
     if chat_template and os.path.isfile(chat_template):
         with open(chat_template) as f:
             chat_template = f.read()
-    engine = AsyncLLM.from_engine_args(from_cli_args(args))
+    engine = AsyncLLM.from_engine_args(from_cli_args(args), engine_core=args.engine_core)
     app = build_app(engine, args.served_model_name or args.model, api_key=args.api_key,
                     max_body_bytes=args.max_request_body_bytes, chat_template=chat_template)
     app.state.on_shutdown.append(engine.shutdown)

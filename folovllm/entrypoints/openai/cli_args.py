@@ -20,6 +20,9 @@ def register(sub) -> None:
     serve.add_argument("--served-model-name", default=None, help="the model's name in the API (default: the model)")
     serve.add_argument("--chat-template", default=None, help="a Jinja chat template, or a file holding one")
     serve.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
+    serve.add_argument("--engine-core", choices=("process", "thread"), default="process",
+                       help="run the engine core in a process of its own (default), or in a thread of the "
+                            "server's process (shares the GIL with the HTTP work; docs/serving.md)")
     add_cli_args(serve)
     serve.set_defaults(func=_run_server)
 

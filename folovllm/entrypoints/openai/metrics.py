@@ -106,12 +106,17 @@ class RequestTracker:
         now = time.monotonic()
         n = len(out.outputs[0].token_ids)
         new = n - self.num_tokens
-        if self.last_time is not None and new > 0:
-            gap = (now - self.last_time) / new
-            hist = self.metrics.itl.labels(self.metrics.model_name)
-            for _ in range(new):
-                hist.observe(gap)
         if new > 0:
+            last, gaps = self.last_time, new
+            if last is None:  # the first output; if it brought several tokens (outputs merged
+                # while the stream was behind), the rest came after the first token's time
+                first = out.metrics.first_token_time if out.metrics is not None else None
+                last, gaps = (first if first is not None else now), new - 1
+            if gaps > 0:
+                gap = max(0.0, now - last) / gaps
+                hist = self.metrics.itl.labels(self.metrics.model_name)
+                for _ in range(gaps):
+                    hist.observe(gap)
             self.last_time, self.num_tokens = now, n
         if out.finished:
             self.metrics.observe_finished(out)
