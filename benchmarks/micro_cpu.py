@@ -24,7 +24,7 @@ import torch
 
 from folovllm.config import CacheConfig, SchedulerConfig
 from folovllm.core.block_pool import BlockPool
-from folovllm.core.kv_cache_utils import hash_request_tokens
+from folovllm.core.kv_cache_utils import extend_block_hashes
 from folovllm.core.sched.output import ModelRunnerOutput
 from folovllm.core.sched.scheduler import Scheduler
 from folovllm.request import Request
@@ -72,21 +72,21 @@ def bench_block_pool(repeats: int) -> None:
     row("16 blocks at a time: blocks allocated + freed per second", n / median_time(request_sized, repeats), "/s")
 
     tokens = list(range(2048))
-    row("hash_request_tokens, 2048-token prompt (128 blocks of 16)",
-        1e6 * median_time(lambda: hash_request_tokens(16, tokens, []), repeats * 10), "us")
+    row("extend_block_hashes, 2048-token prompt (128 blocks of 16)",
+        1e6 * median_time(lambda: extend_block_hashes([], 16, tokens), repeats * 10), "us")
 
 
 # ---- scheduler -------------------------------------------------------------------------------
 
-def decode_scheduler(num_reqs: int, caching: bool) -> Scheduler:
-    """num_reqs requests of 128 prompt tokens, stepped until all of them are decoding."""
+def decode_scheduler(num_reqs: int, caching: bool, prompt_len: int = 128) -> Scheduler:
+    """num_reqs requests of prompt_len prompt tokens, stepped until all of them are decoding."""
     sc = SchedulerConfig(max_num_seqs=num_reqs, max_num_batched_tokens=8192)
     sc.finalize(4096)
     cc = CacheConfig(block_size=16, enable_prefix_caching=caching)
-    cc.num_gpu_blocks = num_reqs * 256
+    cc.num_gpu_blocks = num_reqs * 260
     sched = Scheduler(sc, cc)
     for i in range(num_reqs):
-        prompt = [(i * 131 + j) % VOCAB for j in range(128)]
+        prompt = [(i * 131 + j) % VOCAB for j in range(prompt_len)]
         sched.add_request(Request(str(i), prompt, SamplingParams(max_tokens=3000), arrival_time=0.0))
     while sched.waiting or any(r.num_computed_tokens < r.num_prompt_tokens for r in sched.running):
         fake_step(sched)
@@ -123,6 +123,18 @@ def bench_scheduler(repeats: int) -> None:
         tag = "prefix caching on" if caching else "prefix caching off"
         row(f"schedule() per step, {tag}", 1e3 * statistics.median(t_sched), "ms")
         row(f"update_from_output() per step, {tag}", 1e3 * statistics.median(t_update), "ms")
+    # Long contexts: over 16 steps every request fills one block, which prefix caching enters in
+    # the cache. The cost must not grow with the 128 full blocks each request already has.
+    for caching in (False, True):
+        means = []
+        for _ in range(max(repeats, 1)):
+            sched = decode_scheduler(256, caching, prompt_len=2048)
+            t0 = time.perf_counter()
+            for _ in range(16):
+                fake_step(sched)
+            means.append((time.perf_counter() - t0) / 16)
+        tag = "prefix caching on" if caching else "prefix caching off"
+        row(f"context 2048: schedule() + update per step, {tag}", 1e3 * statistics.median(means), "ms")
 
 
 # ---- input batch -----------------------------------------------------------------------------

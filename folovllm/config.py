@@ -159,7 +159,8 @@ class CacheConfig:
     num_gpu_blocks_override: int | None = field(default=None, metadata=_help("fix the number of KV blocks"))
     cpu_kv_cache_space_gib: float | None = field(default=None, metadata=_help(
         f"KV-cache size on CPU, GiB (default: $FOLOVLLM_CPU_KVCACHE_SPACE or {DEFAULT_CPU_KV_CACHE_GIB:g})"))
-    enable_prefix_caching: bool = False
+    enable_prefix_caching: bool = field(default=True, metadata=_help(
+        "reuse the KV blocks of earlier requests that start with the same tokens"))
 
     num_gpu_blocks: int | None = field(init=False, default=None)
 

@@ -42,7 +42,7 @@ class Request:
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
                  arrival_time: float | None = None, prompt: str | None = None,
-                 cache_salt: str | None = None) -> None:
+                 cache_salt: str | None = None, shares_prompt_with: str | None = None) -> None:
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_token_ids = list(prompt_token_ids)
@@ -61,6 +61,9 @@ class Request:
         # tokens the cache served when the request was first admitted.
         self.cache_salt = cache_salt
         self.num_cached_tokens: int | None = None
+        # Parallel sampling: the id of the sibling (same prompt) that computes the prompt; this
+        # request then starts on that sibling's blocks instead of computing it again.
+        self.shares_prompt_with = shares_prompt_with
         # The scheduler step that first ran it (see SchedulerOutput.step_id).
         self.first_scheduled_step: int | None = None
         self.max_tokens = sampling_params.max_tokens

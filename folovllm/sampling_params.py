@@ -20,7 +20,7 @@ _BOOL_FIELDS = ("ignore_eos", "detokenize", "skip_special_tokens", "spaces_betwe
                 "include_stop_str_in_output")
 _FLOAT_FIELDS = ("presence_penalty", "frequency_penalty", "repetition_penalty", "temperature", "top_p", "min_p")
 _INT_FIELDS = ("n", "top_k", "min_tokens")
-_OPTIONAL_INT_FIELDS = ("max_tokens", "logprobs")
+_OPTIONAL_INT_FIELDS = ("best_of", "max_tokens", "logprobs")
 
 
 def _is_int(value: object) -> bool:
@@ -35,7 +35,12 @@ def _bad(name: str, rule: str, value: object) -> ValueError:
 
 @dataclass
 class SamplingParams:
+    # n completions of one prompt (parallel sampling). The engine runs them as n sequences that
+    # share the prompt's KV blocks; with a seed, sequence i samples with seed + i (mod 2**64), so
+    # sequence 0 draws what an n=1 request with the same seed draws.
     n: int = 1
+    # Accepted only as None or n: ranking best_of samples and returning the best n is not done.
+    best_of: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
@@ -129,9 +134,12 @@ class SamplingParams:
 
     def _verify_ranges(self) -> None:
         """Range rules; the types are already right."""
-        if self.n != 1:
-            raise _bad("n", "must be 1 (several completions per prompt are not supported yet; "
-                       "submit the prompt several times with different seeds)", self.n)
+        if self.n < 1:
+            raise _bad("n", "must be >= 1", self.n)
+        if self.best_of is not None and self.best_of != self.n:
+            raise _bad("best_of", f"must be None or equal to n ({self.n}): returning the best n of best_of "
+                       "samples is not supported; ask for n samples (with logprobs=0 each carries its "
+                       "cumulative_logprob) and rank them yourself", self.best_of)
         if not -2.0 <= self.presence_penalty <= 2.0:
             raise _bad("presence_penalty", "must be in [-2, 2]", self.presence_penalty)
         if not -2.0 <= self.frequency_penalty <= 2.0:

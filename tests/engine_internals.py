@@ -115,3 +115,49 @@ def recording_graph_replays(llm_or_engine):
         yield records
     finally:
         runner.graphs = graphs
+
+
+def block_ids_of(llm_or_engine, request_id: str) -> list[int]:
+    """The KV blocks a request holds (a request of n > 1 sequences: pass a sequence's id)."""
+    return scheduler_of(llm_or_engine).kv_cache_manager.get_block_ids(request_id)
+
+
+def block_ref_counts(llm_or_engine) -> list[int]:
+    return [b.ref_cnt for b in block_pool_of(llm_or_engine).blocks]
+
+
+def prefix_cache_counters(llm_or_engine) -> tuple[int, int]:
+    """(prompt tokens looked up, tokens found) since start-up, as the server's metrics read them."""
+    stats = _core(llm_or_engine).stats()
+    return stats.prefix_cache_queries, stats.prefix_cache_hits
+
+
+def cached_prefix_tokens(llm_or_engine, prompt_token_ids: list[int], cache_salt: str | None = None) -> int:
+    """How many tokens of this prompt the prefix cache would serve now (a lookup that allocates
+    nothing)."""
+    from folovllm.request import Request
+    from folovllm.sampling_params import SamplingParams
+
+    kv = scheduler_of(llm_or_engine).kv_cache_manager
+    probe = Request("probe", prompt_token_ids, SamplingParams(), cache_salt=cache_salt)
+    try:
+        return kv.get_computed_blocks(probe)[1]
+    finally:
+        kv.req_to_block_hashes.pop("probe", None)
+
+
+@contextlib.contextmanager
+def recording_schedules(llm_or_engine):
+    """Yields a list that gets every SchedulerOutput the scheduler makes meanwhile."""
+    scheduler = scheduler_of(llm_or_engine)
+    inner, records = scheduler.schedule, []
+
+    def schedule():
+        records.append(inner())
+        return records[-1]
+
+    scheduler.schedule = schedule
+    try:
+        yield records
+    finally:
+        del scheduler.schedule  # the class's method again

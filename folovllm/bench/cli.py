@@ -44,6 +44,33 @@ def cmd_latency(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _modes(choices):
+    def parse(text: str) -> list[str]:
+        modes = [m for m in text.split(",") if m]
+        if not modes or any(m not in choices for m in modes):
+            raise argparse.ArgumentTypeError(f"modes are a comma-separated list of {', '.join(choices)}, got {text!r}")
+        return modes
+    return parse
+
+
+def cmd_prefix(ns: argparse.Namespace) -> int:
+    from folovllm.bench import prefix
+
+    result = prefix.run(ns, from_cli_args(ns))
+    print(prefix.report(result))
+    _write(result, ns.output_json)
+    return 0
+
+
+def cmd_chunked(ns: argparse.Namespace) -> int:
+    from folovllm.bench import chunked
+
+    result = chunked.run(ns, from_cli_args(ns))
+    print(chunked.report(result))
+    _write(result, ns.output_json)
+    return 0
+
+
 def _rate(text: str) -> float:
     rate = float(text)
     if not rate > 0:
@@ -148,6 +175,42 @@ def register(subparsers) -> None:
     lat.add_argument("--output-json", default=None)
     add_cli_args(lat, default_model=default_bench_model())
     lat.set_defaults(func=cmd_latency, load_format="dummy")
+
+    # The throughput and latency workloads repeat prompts: a prefix-cache hit there is not the work
+    # being measured, so they run with the cache off unless --enable-prefix-caching is given.
+    tp.set_defaults(enable_prefix_caching=False)
+    lat.set_defaults(enable_prefix_caching=False)
+
+    px = sub.add_parser("prefix", help="shared prefixes: all first tokens and wall time, prefix caching on vs off")
+    px.add_argument("--num-prefixes", type=int, default=4)
+    px.add_argument("--requests-per-prefix", type=int, default=16)
+    px.add_argument("--prefix-len", type=int, default=2048)
+    px.add_argument("--suffix-len", type=int, default=128)
+    px.add_argument("--output-len", type=int, default=64)
+    px.add_argument("--num-iters", type=int, default=3)
+    px.add_argument("--modes", type=_modes(("on", "off")), default=["on", "off"],
+                    help="prefix caching on, off or both (default: on,off; --enable-prefix-caching is ignored)")
+    px.add_argument("--output-json", default=None)
+    add_cli_args(px, default_model=default_bench_model())
+    px.set_defaults(func=cmd_prefix, load_format="dummy")
+
+    ch = sub.add_parser("chunked", help="decoders' token gaps while long prompts arrive, chunked prefill vs not")
+    ch.add_argument("--num-decoders", type=int, default=64)
+    ch.add_argument("--decoder-input-len", type=int, default=512)
+    ch.add_argument("--decoder-output-len", type=int, default=1024)
+    ch.add_argument("--num-long", type=int, default=4)
+    ch.add_argument("--long-input-len", type=int, default=8192)
+    ch.add_argument("--long-output-len", type=int, default=16)
+    ch.add_argument("--arrival-interval-ms", type=float, default=250.0)
+    ch.add_argument("--window-s", type=float, default=1.5, help="gaps counted from the first arrival this long")
+    ch.add_argument("--chunked-budget", type=int, default=2048,
+                    help="max_num_batched_tokens of the chunked mode (the unchunked one uses max_model_len)")
+    ch.add_argument("--modes", type=_modes(("chunked", "unchunked")), default=["chunked", "unchunked"],
+                    help="chunked, unchunked or both (default: both; --enable-chunked-prefill and "
+                         "--max-num-batched-tokens are ignored)")
+    ch.add_argument("--output-json", default=None)
+    add_cli_args(ch, default_model=default_bench_model())
+    ch.set_defaults(func=cmd_chunked, load_format="dummy", max_model_len=10240)
 
     sv = sub.add_parser("serve", help="the serve workload against a running OpenAI-compatible server")
     sv.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server (default: %(default)s)")

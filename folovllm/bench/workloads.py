@@ -43,6 +43,34 @@ def random_prompts(batch_size: int, prompt_len: int, rng: np.random.Generator,
     return rng.integers(0, token_id_limit, size=(batch_size, prompt_len)).tolist()
 
 
+def prefix_workload(num_prefixes: int = 4, requests_per_prefix: int = 16, prefix_len: int = 2048,
+                    suffix_len: int = 128, seed: int = 0,
+                    token_id_limit: int = TOKEN_ID_LIMIT) -> tuple[list[list[int]], list[list[int]]]:
+    """(prefixes, prompts): `num_prefixes` random prefixes, then for each in turn
+    `requests_per_prefix` prompts of that prefix followed by a random suffix of its own."""
+    if min(num_prefixes, requests_per_prefix, prefix_len) < 1 or suffix_len < 0:
+        raise ValueError("the prefix workload needs at least one prefix, one request per prefix and one "
+                         f"prefix token, and a suffix length >= 0; got {num_prefixes}, {requests_per_prefix}, "
+                         f"{prefix_len}, {suffix_len}")
+    rng = np.random.default_rng(seed)
+    prefixes = rng.integers(0, token_id_limit, size=(num_prefixes, prefix_len)).tolist()
+    prompts = [prefix + rng.integers(0, token_id_limit, size=suffix_len).tolist()
+               for prefix in prefixes for _ in range(requests_per_prefix)]
+    return prefixes, prompts
+
+
+def chunked_workload(num_decoders: int = 64, decoder_input_len: int = 512, num_long: int = 4,
+                     long_input_len: int = 8192, seed: int = 0,
+                     token_id_limit: int = TOKEN_ID_LIMIT) -> tuple[list[list[int]], list[list[int]]]:
+    """(decoder prompts, long prompts) of the chunked workload, random ids."""
+    if min(num_decoders, decoder_input_len, num_long, long_input_len) < 1:
+        raise ValueError("the chunked workload needs at least one decoder and one long request, each of at least "
+                         f"one token; got {num_decoders} x {decoder_input_len} and {num_long} x {long_input_len}")
+    rng = np.random.default_rng(seed)
+    return (rng.integers(0, token_id_limit, size=(num_decoders, decoder_input_len)).tolist(),
+            rng.integers(0, token_id_limit, size=(num_long, long_input_len)).tolist())
+
+
 def parse_range(text: str) -> tuple[int, int]:
     """'100,1024' -> (100, 1024); a single number is a fixed length."""
     parts = [int(p) for p in text.replace(":", ",").split(",")]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from folovllm.core.block_pool import BlockPool, KVCacheBlock
-from folovllm.core.kv_cache_utils import hash_request_tokens
+from folovllm.core.kv_cache_utils import extend_block_hashes
 from folovllm.request import Request
 
 
@@ -18,6 +18,9 @@ class KVCacheManager:
         self.block_pool = BlockPool(num_blocks, enable_caching)
         self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
         self.req_to_block_hashes: dict[str, list[int]] = {}
+        # How many of a request's first blocks are already in the prefix cache: each step caches
+        # only the blocks that became full since, so a step's cost does not grow with the context.
+        self.num_cached_block: dict[str, int] = {}
         # Prefix-cache counters, for metrics.
         self.num_cached_queries = 0
         self.num_cached_hits = 0
@@ -31,10 +34,14 @@ class KVCacheManager:
         return self.block_pool.get_usage()
 
     def _block_hashes(self, request: Request) -> list[int]:
-        salt = (request.cache_salt,) if request.cache_salt is not None else None
-        hashes = hash_request_tokens(self.block_size, request.all_token_ids,
-                                     self.req_to_block_hashes.get(request.request_id, []), salt)
-        self.req_to_block_hashes[request.request_id] = hashes
+        """The hashes of the request's full blocks, extending the list kept from earlier calls in
+        place (only blocks that became full since are hashed)."""
+        hashes = self.req_to_block_hashes.get(request.request_id)
+        if hashes is None:
+            hashes = self.req_to_block_hashes[request.request_id] = []
+        if (len(hashes) + 1) * self.block_size <= request.num_tokens:
+            salt = (request.cache_salt,) if request.cache_salt is not None else None
+            extend_block_hashes(hashes, self.block_size, request.all_token_ids, salt)
         return hashes
 
     def get_computed_blocks(self, request: Request) -> tuple[list[KVCacheBlock], int]:
@@ -67,7 +74,7 @@ class KVCacheManager:
             # The common decode step: the tokens still fit the blocks the request holds.
             total = request.num_computed_tokens + num_new_tokens
             if total <= len(req_blocks) * self.block_size:
-                if self.enable_caching and total // self.block_size > request.num_computed_tokens // self.block_size:
+                if self.enable_caching and total // self.block_size > self.num_cached_block.get(request.request_id, 0):
                     self._cache_full_blocks(request, req_blocks, total)
                 return []
         new_computed_blocks = new_computed_blocks or []
@@ -91,14 +98,46 @@ class KVCacheManager:
         return new_blocks
 
     def _cache_full_blocks(self, request: Request, req_blocks: list[KVCacheBlock], num_tokens: int) -> None:
+        """Enter the blocks that are full once num_tokens are computed in the prefix cache, from
+        the first one not entered yet. (A block full of slots whose last token is still being
+        sampled, with async scheduling, has no hash yet: it is entered at a later step.)"""
+        start = self.num_cached_block.get(request.request_id, 0)
+        if num_tokens // self.block_size <= start:
+            return
         hashes = self._block_hashes(request)
-        for i in range(min(num_tokens // self.block_size, len(hashes))):
+        end = min(num_tokens // self.block_size, len(hashes))
+        for i in range(start, end):
             self.block_pool.cache_block(req_blocks[i], hashes[i])
+        self.num_cached_block[request.request_id] = max(start, end)
+
+    def fork(self, source: Request, child: Request) -> tuple[int, int] | None:
+        """Admit `child`, a request with the same prompt as `source` (a sibling of parallel
+        sampling), on the blocks of `source`'s computed prompt instead of computing it again. The
+        child starts at num_computed_tokens = its prompt's length - 1: it recomputes the last prompt
+        token, whose logits it samples from. Every full block before the one holding that token is
+        shared (one more reference each); the block holding it, the only one the child writes, is
+        copied into a new block first (copy-on-write). Returns the (source, destination) block ids
+        the runner copies before the step's forward pass, or None (changing nothing) when no block
+        is free."""
+        num_blocks = cdiv(child.num_prompt_tokens, self.block_size)
+        source_blocks = self.req_to_blocks[source.request_id][:num_blocks]
+        assert len(source_blocks) == num_blocks, f"{source} has not computed its prompt"
+        assert child.request_id not in self.req_to_blocks, f"{child} already holds blocks"
+        if self.block_pool.get_num_free_blocks() < 1:
+            return None
+        shared = source_blocks[:-1]
+        self.block_pool.touch(shared)
+        [copy] = self.block_pool.get_new_blocks(1)
+        blocks = self.req_to_blocks[child.request_id] = shared + [copy]
+        if self.enable_caching:
+            self._cache_full_blocks(child, blocks, child.num_prompt_tokens)
+        return source_blocks[-1].block_id, copy.block_id
 
     def free(self, request: Request) -> None:
         blocks = self.req_to_blocks.pop(request.request_id, [])
         self.block_pool.free_blocks(reversed(blocks))
         self.req_to_block_hashes.pop(request.request_id, None)
+        self.num_cached_block.pop(request.request_id, None)
 
     def get_block_ids(self, request_id: str) -> list[int]:
         return [b.block_id for b in self.req_to_blocks.get(request_id, [])]

@@ -15,17 +15,15 @@ def hash_block_tokens(parent_block_hash: int | None, block_token_ids: Sequence[i
     return hash((parent_block_hash, tuple(block_token_ids), extra_keys))
 
 
-def hash_request_tokens(block_size: int, token_ids: Sequence[int], start_hashes: list[int],
-                        extra_keys: tuple | None = None) -> list[int]:
-    """Extend `start_hashes` (hashes of the first len(start_hashes) full blocks) to every full
-    block of token_ids. `extra_keys` (a request's cache salt) go into the first block's hash, and
-    so, through the chain, into every block's."""
-    hashes = list(start_hashes)
+def extend_block_hashes(hashes: list[int], block_size: int, token_ids: Sequence[int],
+                        extra_keys: tuple | None = None) -> None:
+    """Extend `hashes` (those of the first len(hashes) full blocks of token_ids), in place, to
+    every full block of token_ids. `extra_keys` (a request's cache salt) go into the first block's
+    hash, and so, through the chain, into every block's."""
     parent = hashes[-1] if hashes else None
     for start in range(len(hashes) * block_size, len(token_ids) - block_size + 1, block_size):
         parent = hash_block_tokens(parent, token_ids[start:start + block_size], extra_keys if start == 0 else None)
         hashes.append(parent)
-    return hashes
 
 
 def kv_cache_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:

@@ -66,14 +66,14 @@ class LLMEngine(EngineFrontend):
                     arrival_time: float | None = None, stream: bool = True) -> str:
         """Queue a request. Bad input raises ValueError here, before the request touches any
         engine state, so the requests already queued carry on. With stream=False, step() returns
-        the request's output only once it has finished."""
+        the request's output only once it has finished. With params.n > 1 the core runs n
+        sequences sharing the prompt, and each RequestOutput holds n CompletionOutputs."""
         if request_id is None:
             request_id = str(next(self._request_counter))
-        if request_id in self.output_processor.states:
+        if self.output_processor.has_request(request_id):
             raise ValueError(f"request id {request_id!r} is already in use")
-        request = self.processor.process(request_id, prompt, params or SamplingParams(), arrival_time)
-        self.output_processor.add_request(request, stream)
-        self.engine_core.add_request(request)
+        for request in self.process_request(request_id, prompt, params or SamplingParams(), arrival_time, stream):
+            self.engine_core.add_request(request)
         return request_id
 
     def add_requests(self, prompts: list[PromptType],
@@ -95,7 +95,7 @@ class LLMEngine(EngineFrontend):
 
     def abort_request(self, request_ids: str | list[str]) -> None:
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
-        self.engine_core.abort_requests(ids)
+        self.engine_core.abort_requests(self.output_processor.core_request_ids(ids))
         self.engine_core.process_inbox()  # this caller also steps the core: free the blocks now
         for req_id in ids:
             self.output_processor.abort(req_id)

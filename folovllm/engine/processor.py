@@ -60,7 +60,9 @@ class Processor:
         raise ValueError(f"a prompt must be text, a list of token ids or a dict, got {type(prompt).__name__}")
 
     def process(self, request_id: str, prompt: PromptType, params: SamplingParams,
-                arrival_time: float | None = None) -> Request:
+                arrival_time: float | None = None, fan_out: bool = False) -> Request:
+        """A validated, tokenized Request. One with params.n > 1 is accepted only from a caller that
+        fans it out into its n sequences (fan_out=True: EngineFrontend.process_request)."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         text, token_ids = self.tokenize(prompt)
@@ -75,6 +77,9 @@ class Processor:
         # Each request owns its params: the engine adds this model's EOS ids to them.
         params = copy.copy(params)
         params.verify()  # fields may have been changed since construction
+        if params.n > 1 and not fan_out:
+            raise ValueError(f"SamplingParams.n must be 1 here, got {params.n}: this entry point runs one sequence "
+                             "per request; send n requests with n=1 (and different seeds), or use LLM / LLMEngine")
         params.all_stop_token_ids = set(params.stop_token_ids)
         params.update_from_generation_config(self.eos_token_ids)
         return Request(request_id, token_ids, params, arrival_time, prompt=text, cache_salt=_cache_salt(prompt))

@@ -28,7 +28,8 @@ class LLM:
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        """Outputs in the order of the prompts. A single prompt may be passed bare."""
+        """Outputs in the order of the prompts, one per prompt (with SamplingParams.n > 1, one
+        holding n CompletionOutputs). A single prompt may be passed bare."""
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
                                                 and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -43,7 +44,7 @@ class LLM:
             for out in self.llm_engine.iter_outputs(ids):
                 if out.finished:
                     final[out.request_id] = out
-                    num_out_tokens += len(out.outputs[0].token_ids)
+                    num_out_tokens += sum(len(c.token_ids) for c in out.outputs)
                     bar.update(1)
                     elapsed = bar.format_dict["elapsed"] or 1e-9
                     bar.set_postfix_str(f"output {num_out_tokens / elapsed:.1f} tok/s", refresh=False)

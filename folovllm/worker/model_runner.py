@@ -197,6 +197,8 @@ class ModelRunner:
     def forward(self, so: SchedulerOutput) -> tuple[torch.Tensor, StepInputs]:
         """Run the model over the step's tokens: hidden states of every scheduled row."""
         self._update_states(so)
+        if so.copy_blocks:
+            self._copy_blocks(so.copy_blocks)
         step = self.input_batch.prepare(list(so.num_scheduled_tokens), list(so.num_scheduled_tokens.values()))
         t = len(step.input_ids)
         graph_key = self._graph_key(step, t)
@@ -207,6 +209,14 @@ class ModelRunner:
             self.graphs[graph_key].replay()
             return self.graph_hidden[:t], step
         return self.model(self.input_ids[:t], self.positions[:t], md), step
+
+    def _copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy-on-write: each (source, destination) block's K and V, in every layer, queued before
+        the forward pass that writes into the destinations (never inside a captured graph)."""
+        src = torch.tensor([s for s, _ in pairs], dtype=torch.int64, device=self.device)
+        dst = torch.tensor([d for _, d in pairs], dtype=torch.int64, device=self.device)
+        for layer in self.attn_layers:
+            layer.kv_cache[:, dst] = layer.kv_cache[:, src]
 
     def _fill_pending_inputs(self, step: StepInputs) -> None:
         """Input ids that the previous step is still sampling: gather them from its sampled-ids

@@ -15,7 +15,8 @@ from folovllm.sampling_params import SamplingParams
 NAN, INF = float("nan"), float("inf")
 
 BAD = {
-    "n": [2, 0, "1", 1.0, True, None],
+    "n": [0, -1, "1", 1.0, True, None],
+    "best_of": [2, 0, "1", 1.5, True],
     "seed": ["abc", 1.5, 2**64, 2**70, -1, True, np.float64(3.0)],
     "max_tokens": ["5", 0, -1, 5.0, True],
     "min_tokens": ["1", -1, 1.5, None, True],
@@ -53,11 +54,14 @@ def test_messages_say_the_rule():
         SamplingParams(temperature=NAN)
     with pytest.raises(ValueError, match=r"min_tokens must be <= max_tokens \(3\), got 9"):
         SamplingParams(min_tokens=9, max_tokens=3)
-    with pytest.raises(ValueError, match="n must be 1"):
-        SamplingParams(n=2)
+    with pytest.raises(ValueError, match=r"n must be >= 1, got 0"):
+        SamplingParams(n=0)
+    with pytest.raises(ValueError, match=r"best_of must be None or equal to n \(2\).*not supported.*got 3"):
+        SamplingParams(n=2, best_of=3)
 
 
 @pytest.mark.parametrize("kwargs", [
+    dict(n=2), dict(n=np.int64(3), best_of=3), dict(best_of=1),
     dict(seed=0), dict(seed=2**64 - 1), dict(seed=np.int64(7)), dict(seed=np.uint64(2**64 - 1)),
     dict(max_tokens=None), dict(max_tokens=1), dict(max_tokens=np.int32(5), min_tokens=np.int64(5)),
     dict(temperature=0), dict(temperature=np.float32(0.5)), dict(top_p=1), dict(min_p=1.0),

@@ -40,6 +40,9 @@ class SchedulerOutput:
     finished_req_ids: set[str] = field(default_factory=set)
     # Requests preempted this step: they keep their runner state, and will be recomputed.
     preempted_req_ids: set[str] = field(default_factory=set)
+    # (source, destination) KV-block ids to copy, in every layer, before this step's forward pass:
+    # a request that shares a sibling's prompt blocks gets its own copy of the one it writes into.
+    copy_blocks: list[tuple[int, int]] = field(default_factory=list)
     # The scheduler's count of steps: a request first scheduled after this step cannot take its
     # tokens (a new request that reuses a finished one's id while that one's last row is in flight).
     step_id: int = 0

@@ -140,25 +140,39 @@ class Scheduler:
             req_index += 1
 
         # Then waiting ones, unless this step already had to take blocks back.
+        copy_blocks: list[tuple[int, int]] = []
         if not preempted:
-            while self.waiting and token_budget > 0 and len(self.running) < self.max_num_seqs:
+            # Siblings whose prompt a running sibling is still computing: the requests behind them
+            # may go first, but not into the rows they will need.
+            skipped: list[Request] = []
+            while self.waiting and token_budget > 0 and len(self.running) + len(skipped) < self.max_num_seqs:
                 request = self.waiting[0]
                 if request.num_output_placeholders:
                     break  # preempted while its last token was in flight: wait for the token
-                computed_blocks, num_cached = self.kv_cache_manager.get_computed_blocks(request)
-                num_new = request.num_tokens - num_cached
-                if num_new > token_budget:
-                    if not self.config.enable_chunked_prefill:
-                        break  # first come, first served: nobody overtakes it
-                    num_new = token_budget
-                new_blocks = self.kv_cache_manager.allocate_slots(request, num_new, computed_blocks)
-                if new_blocks is None:
-                    break
+                source = self._prompt_source(request)
+                if source is not None:
+                    if source.status != RequestStatus.RUNNING or source.num_computed_tokens < source.num_prompt_tokens:
+                        skipped.append(self.waiting.popleft())
+                        continue
+                    copy = self.kv_cache_manager.fork(source, request)
+                    if copy is None:
+                        break
+                    copy_blocks.append(copy)
+                    num_cached, num_new = request.num_prompt_tokens - 1, 1
+                else:
+                    computed_blocks, num_cached = self.kv_cache_manager.get_computed_blocks(request)
+                    num_new = request.num_tokens - num_cached
+                    if num_new > token_budget:
+                        if not self.config.enable_chunked_prefill:
+                            break  # first come, first served: nobody overtakes it
+                        num_new = token_budget
+                    if self.kv_cache_manager.allocate_slots(request, num_new, computed_blocks) is None:
+                        break
+                    if self.kv_cache_manager.enable_caching:
+                        self.kv_cache_manager.record_prefix_lookup(request.num_tokens, num_cached)
                 request.num_computed_tokens = num_cached
                 if request.num_cached_tokens is None:
                     request.num_cached_tokens = num_cached
-                if self.kv_cache_manager.enable_caching:
-                    self.kv_cache_manager.record_prefix_lookup(request.num_tokens, num_cached)
                 self.waiting.popleft()
                 block_ids = self.kv_cache_manager.get_block_ids(request.request_id)
                 if request.status == RequestStatus.PREEMPTED:
@@ -172,6 +186,7 @@ class Scheduler:
                 self.running.append(request)
                 num_scheduled_tokens[request.request_id] = num_new
                 token_budget -= num_new
+            self.waiting.extendleft(reversed(skipped))
 
         # The runner computes these tokens now; count them as computed so that the next
         # schedule() sees where each request stands.
@@ -189,10 +204,19 @@ class Scheduler:
             total_num_scheduled_tokens=self.max_num_batched_tokens - token_budget,
             finished_req_ids=self.finished_req_ids,
             preempted_req_ids={r.request_id for r in preempted},
+            copy_blocks=copy_blocks,
             step_id=self.num_steps,
         )
         self.finished_req_ids = set()
         return output
+
+    def _prompt_source(self, request: Request) -> Request | None:
+        """The sibling whose prompt blocks a never-scheduled request of parallel sampling starts
+        on, while that sibling is unfinished. A request preempted since, or whose sibling ended
+        first, computes its prompt itself (the prefix cache may still serve most of it)."""
+        if request.shares_prompt_with is None or request.status != RequestStatus.WAITING:
+            return None
+        return self.requests.get(request.shares_prompt_with)
 
     def _ends_with_placeholders(self, request: Request) -> bool:
         """Whether the tokens in flight take the request to max_tokens or max_model_len."""
