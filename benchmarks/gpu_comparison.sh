@@ -27,17 +27,8 @@ done
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 LOG=$OUT/bench.log
-export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-FOLO="python3 -m folovllm"
-
-step() {  # step NAME LIMIT_S COMMAND...
-  local name=$1 limit=$2; shift 2
-  echo "=== $name ($(date +%T), limit ${limit} s): $*" | tee -a "$LOG"
-  local t0=$SECONDS
-  timeout --signal=INT --kill-after=15 "$limit" "$@" 2>&1 | tee -a "$LOG"
-  local rc=${PIPESTATUS[0]}
-  echo "=== $name: rc=$rc after $((SECONDS - t0)) s" | tee -a "$LOG"
-}
+# shellcheck source=benchmarks/common.sh
+source benchmarks/common.sh
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   git rev-parse --short HEAD 2>/dev/null; date -u; } 2>&1 | tee "$LOG"

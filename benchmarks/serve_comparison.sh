@@ -26,8 +26,8 @@ done
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 LOG=$OUT/serve.log
-export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-FOLO="python3 -m folovllm"
+# shellcheck source=benchmarks/common.sh
+source benchmarks/common.sh
 MODEL=${MODEL:-benchmarks/configs/qwen3-0.6b}
 URL=http://127.0.0.1:$PORT
 

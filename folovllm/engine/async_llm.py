@@ -126,19 +126,21 @@ class AsyncLLM(EngineFrontend):
 
     async def generate(self, prompt: PromptType, sampling_params: SamplingParams | None = None,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Queue one request and yield its outputs as they grow, the last one finished. Bad
-        input raises ValueError before anything is queued. If the consumer stops early (a
+        """Queue one request and yield its outputs as they grow, the last one finished (with
+        sampling_params.n > 1, each output holds the n sequences). Bad input raises ValueError
+        before anything is queued. If the consumer stops early (a
         client disconnected, a task was cancelled), the request is aborted."""
         self._ensure_started()
         if request_id is None:
             request_id = f"req-{next(self._counter)}"
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
-        request = self.processor.process(request_id, prompt, sampling_params or SamplingParams())
+        # One core request, or n sequences for parallel sampling, merged back under request_id.
+        core_requests = self.process_request(request_id, prompt, sampling_params or SamplingParams())
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = stream
-        self.output_processor.add_request(request, stream=True)
-        self.engine_core.add_request(request)
+        for request in core_requests:
+            self.engine_core.add_request(request)
         self._wake.set()
         finished = False
         try:
@@ -163,7 +165,7 @@ class AsyncLLM(EngineFrontend):
         """End requests; a stream still being read gets a last output with finish_reason
         'abort'."""
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
-        self.engine_core.abort_requests(ids)
+        self.engine_core.abort_requests(self.output_processor.core_request_ids(ids))
         for rid in ids:
             final = self.output_processor.abort(rid)
             stream = self._streams.get(rid)

@@ -58,8 +58,8 @@ async def collect(llm: AsyncLLM, prompt, params):
 
 def test_concurrent_streams_get_the_offline_tokens(engines):
     """24 requests at once (more than max_num_seqs, so they queue and share steps): each stream
-    ends with exactly the tokens, finish reason and logprobs the offline engine gives, and
-    streams one output per token."""
+    ends with exactly the tokens, finish reason and logprobs the offline engine gives (a stream
+    may get fewer outputs than tokens: those that pile up while it waits are merged)."""
     async_llm, offline = engines
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=2)
     inputs = prompts(24, seed=1)
@@ -70,7 +70,7 @@ def test_concurrent_streams_get_the_offline_tokens(engines):
     results = asyncio.run(main())
     expect = offline.generate([{"prompt_token_ids": p} for p in inputs], params, use_tqdm=False)
     for (last, num_outputs), ref in zip(results, expect):
-        assert last.finished and num_outputs == 6
+        assert last.finished and 1 <= num_outputs <= 6
         assert last.outputs[0].token_ids == ref.outputs[0].token_ids
         assert last.outputs[0].finish_reason == "length"
         got, want = last.outputs[0].logprobs, ref.outputs[0].logprobs

@@ -240,3 +240,42 @@ def test_return_token_ids_without_a_tokenizer(served, tiny_models):
     assert prompts[0] == prompt and all(p is None for p in prompts[1:])
     plain = httpx.post(served.ids_url + "/v1/completions", json={**body, "return_token_ids": False}, timeout=30)
     assert "token_ids" not in plain.json()["choices"][0]
+
+
+def test_n_completions_per_prompt(served):
+    """n = 2 over two prompts: four choices, choice i * n + j being sequence j of prompt i; with a
+    seed, sequence j samples what an n = 1 request with seed + j samples offline; streamed
+    choices equal the non-streamed ones; usage counts every sequence's tokens."""
+    client = served.client()
+    prompts = ["abc", "xyz!"]
+    kw = dict(model=MODEL_NAME, prompt=prompts, max_tokens=6, temperature=1.0, seed=77, n=2,
+              extra_body={"ignore_eos": True})
+    full = client.completions.create(**kw)
+    assert [c.index for c in full.choices] == [0, 1, 2, 3]
+    for i, prompt in enumerate(prompts):
+        for j in range(2):
+            want = offline_one(served, prompt, max_tokens=6, temperature=1.0, seed=77 + j, ignore_eos=True)
+            assert full.choices[i * 2 + j].text == want.outputs[0].text, (i, j)
+    assert full.choices[0].text != full.choices[1].text  # different seeds, different samples
+    assert full.usage.completion_tokens == 4 * 6
+    streamed = {}
+    for chunk in client.completions.create(**kw, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] = streamed.get(c.index, "") + c.text
+    assert streamed == {c.index: c.text for c in full.choices}
+
+
+def test_chat_n_greedy_gives_n_copies(served):
+    client = served.client()
+    kw = dict(model=MODEL_NAME, messages=chat_messages(), max_tokens=5, temperature=0.0, n=3,
+              extra_body={"ignore_eos": True})
+    full = client.chat.completions.create(**kw)
+    ref = served.offline.chat(chat_messages(), SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True),
+                              chat_template=CHAT_TEMPLATE, use_tqdm=False)[0].outputs[0].text
+    assert [(c.index, c.message.content) for c in full.choices] == [(0, ref), (1, ref), (2, ref)]
+    assert full.usage.completion_tokens == 15
+    streamed = {}
+    for chunk in client.chat.completions.create(**kw, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] = streamed.get(c.index, "") + (c.delta.content or "")
+    assert streamed == {0: ref, 1: ref, 2: ref}

@@ -45,7 +45,7 @@ from folovllm.sampling_params import SamplingParams
 logger = init_logger(__name__)
 
 _SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-                  "repetition_penalty", "seed", "stop", "stop_token_ids")
+                  "repetition_penalty", "seed", "stop", "stop_token_ids", "best_of")
 
 
 # ---- the app -------------------------------------------------------------------------------------
@@ -145,7 +145,7 @@ def build_app(engine, served_model_name: str, api_key: str | None = None,
 
     def usage_of(finals) -> p.UsageInfo:
         prompt = sum(len(o.prompt_token_ids) for o in finals)
-        completion = sum(len(o.outputs[0].token_ids) for o in finals)
+        completion = sum(len(c.token_ids) for o in finals for c in o.outputs)
         return p.UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
     def ids_of(req, prompt_ids, token_ids) -> dict:
@@ -248,46 +248,50 @@ def build_app(engine, served_model_name: str, api_key: str | None = None,
             finals = await runs.final_outputs(request, started)
             choices = []
             for i, out in enumerate(finals):
-                c = out.outputs[0]
-                prefix = echo_text(out) if req.echo else ""
-                lp = None if c.logprobs is None else completion_logprobs(c.token_ids, c.logprobs, 0)
-                choices.append(p.CompletionChoice(index=i, text=prefix + c.text, logprobs=lp,
-                                                  finish_reason=c.finish_reason, stop_reason=c.stop_reason,
-                                                  **ids_of(req, out.prompt_token_ids, c.token_ids)))
+                for c in out.outputs:  # n of them per prompt: choice i * n + c.index, as OpenAI
+                    prefix = echo_text(out) if req.echo else ""
+                    lp = None if c.logprobs is None else completion_logprobs(c.token_ids, c.logprobs, 0)
+                    choices.append(p.CompletionChoice(index=i * req.n + c.index, text=prefix + c.text, logprobs=lp,
+                                                      finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                                                      **ids_of(req, out.prompt_token_ids, c.token_ids)))
             return p.CompletionResponse(id=request_id, created=created, model=served_model_name,
                                         choices=choices, usage=usage_of(finals)).model_dump()
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         async def stream():
-            sent_text = [0] * len(started)
-            sent_tokens = [0] * len(started)
-            offsets = [0] * len(started)
+            num = len(started) * req.n  # choice k = prompt i * n + sequence j
+            sent_text, sent_tokens, offsets = [0] * num, [0] * num, [0] * num
+            done = [False] * num
             finals = [None] * len(started)
             try:
                 async for i, out in runs.outputs(started):
-                    c = out.outputs[0]
-                    text = c.text[sent_text[i]:]
-                    if req.echo and sent_tokens[i] == 0 and sent_text[i] == 0:
-                        text = echo_text(out) + text
-                    new_ids = c.token_ids[sent_tokens[i]:]
-                    sent_before = sent_tokens[i]
-                    lp = None
-                    if c.logprobs is not None:
-                        lp = completion_logprobs(new_ids, c.logprobs[sent_tokens[i]:], offsets[i])
-                        offsets[i] += sum(len(t) for t in lp.tokens)
-                    sent_text[i], sent_tokens[i] = len(c.text), len(c.token_ids)
                     if out.finished:
                         finals[i] = out
-                    if not text and not out.finished and not new_ids:
-                        continue
-                    first = sent_before == 0
-                    choice = p.CompletionChoice(index=i, text=text, logprobs=lp,
-                                                finish_reason=c.finish_reason if out.finished else None,
-                                                stop_reason=c.stop_reason if out.finished else None,
-                                                **ids_of(req, out.prompt_token_ids if first else None, new_ids))
-                    yield sse(p.CompletionResponse(id=request_id, created=created, model=served_model_name,
-                                                   choices=[choice]))
+                    for c in out.outputs:
+                        k = i * req.n + c.index
+                        if done[k]:
+                            continue
+                        text = c.text[sent_text[k]:]
+                        if req.echo and sent_tokens[k] == 0 and sent_text[k] == 0:
+                            text = echo_text(out) + text
+                        new_ids = c.token_ids[sent_tokens[k]:]
+                        first = sent_tokens[k] == 0
+                        lp = None
+                        if c.logprobs is not None:
+                            lp = completion_logprobs(new_ids, c.logprobs[sent_tokens[k]:], offsets[k])
+                            offsets[k] += sum(len(t) for t in lp.tokens)
+                        sent_text[k], sent_tokens[k] = len(c.text), len(c.token_ids)
+                        ended = c.finish_reason is not None
+                        done[k] = ended
+                        if not text and not ended and not new_ids:
+                            continue
+                        choice = p.CompletionChoice(index=k, text=text, logprobs=lp,
+                                                    finish_reason=c.finish_reason if ended else None,
+                                                    stop_reason=c.stop_reason if ended else None,
+                                                    **ids_of(req, out.prompt_token_ids if first else None, new_ids))
+                        yield sse(p.CompletionResponse(id=request_id, created=created, model=served_model_name,
+                                                       choices=[choice]))
                 if include_usage:
                     yield sse(p.CompletionResponse(id=request_id, created=created, model=served_model_name,
                                                    choices=[], usage=usage_of(finals)))
@@ -312,13 +316,15 @@ def build_app(engine, served_model_name: str, api_key: str | None = None,
 
         if not req.stream:
             finals = await runs.final_outputs(request, started)
-            c = finals[0].outputs[0]
-            lp = None if c.logprobs is None else chat_logprobs(c.token_ids, c.logprobs, top_n)
-            choice = p.ChatCompletionChoice(index=0, message=p.ChatResponseMessage(content=c.text), logprobs=lp,
-                                            finish_reason=c.finish_reason, stop_reason=c.stop_reason,
-                                            **ids_of(req, finals[0].prompt_token_ids, c.token_ids))
+            choices = []
+            for c in finals[0].outputs:
+                lp = None if c.logprobs is None else chat_logprobs(c.token_ids, c.logprobs, top_n)
+                choices.append(p.ChatCompletionChoice(
+                    index=c.index, message=p.ChatResponseMessage(content=c.text), logprobs=lp,
+                    finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                    **ids_of(req, finals[0].prompt_token_ids, c.token_ids)))
             return p.ChatCompletionResponse(id=request_id, created=created, model=served_model_name,
-                                            choices=[choice], usage=usage_of(finals)).model_dump()
+                                            choices=choices, usage=usage_of(finals)).model_dump()
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
@@ -327,25 +333,32 @@ def build_app(engine, served_model_name: str, api_key: str | None = None,
                                              choices=choices, usage=usage))
 
         async def stream():
-            sent_text = sent_tokens = 0
+            sent_text, sent_tokens, done = [0] * req.n, [0] * req.n, [False] * req.n
             final = None
             try:
-                yield chunk([p.ChatStreamChoice(index=0, delta=p.DeltaMessage(role="assistant", content=""))])
+                for j in range(req.n):
+                    yield chunk([p.ChatStreamChoice(index=j, delta=p.DeltaMessage(role="assistant", content=""))])
                 async for _, out in runs.outputs(started):
-                    c = out.outputs[0]
-                    text, new_ids = c.text[sent_text:], c.token_ids[sent_tokens:]
-                    first = sent_tokens == 0
-                    lp = None if c.logprobs is None else chat_logprobs(new_ids, c.logprobs[sent_tokens:], top_n)
-                    sent_text, sent_tokens = len(c.text), len(c.token_ids)
                     if out.finished:
                         final = out
-                    if not text and not out.finished and not new_ids:
-                        continue
-                    yield chunk([p.ChatStreamChoice(index=0, delta=p.DeltaMessage(content=text), logprobs=lp,
-                                                    finish_reason=c.finish_reason if out.finished else None,
-                                                    stop_reason=c.stop_reason if out.finished else None,
-                                                    **ids_of(req, out.prompt_token_ids if first else None,
-                                                             new_ids))])
+                    for c in out.outputs:
+                        j = c.index
+                        if done[j]:
+                            continue
+                        text, new_ids = c.text[sent_text[j]:], c.token_ids[sent_tokens[j]:]
+                        first = sent_tokens[j] == 0
+                        lp = None if c.logprobs is None else chat_logprobs(new_ids, c.logprobs[sent_tokens[j]:],
+                                                                           top_n)
+                        sent_text[j], sent_tokens[j] = len(c.text), len(c.token_ids)
+                        ended = c.finish_reason is not None
+                        done[j] = ended
+                        if not text and not ended and not new_ids:
+                            continue
+                        yield chunk([p.ChatStreamChoice(index=j, delta=p.DeltaMessage(content=text), logprobs=lp,
+                                                        finish_reason=c.finish_reason if ended else None,
+                                                        stop_reason=c.stop_reason if ended else None,
+                                                        **ids_of(req, out.prompt_token_ids if first else None,
+                                                                 new_ids))])
                 if include_usage:
                     yield chunk([], usage_of([final]))
                 yield "data: [DONE]\n\n"

@@ -78,10 +78,10 @@ class ServerMetrics:
 
     def observe_finished(self, out: RequestOutput) -> None:
         m, name = out.metrics, self.model_name
-        completion = out.outputs[0]
         self.prompt_tokens.labels(name).inc(len(out.prompt_token_ids))
-        self.generation_tokens.labels(name).inc(len(completion.token_ids))
-        self.request_success.labels(name, completion.finish_reason or "unknown").inc()
+        for completion in out.outputs:  # n sequences count as n finished requests, as in vLLM
+            self.generation_tokens.labels(name).inc(len(completion.token_ids))
+            self.request_success.labels(name, completion.finish_reason or "unknown").inc()
         if m is None:
             return
         if m.first_token_time is not None:
@@ -95,19 +95,21 @@ class ServerMetrics:
 
 class RequestTracker:
     """Fed every RequestOutput of one engine request; the gaps between outputs, spread over the
-    tokens each one brought, are the inter-token latencies."""
+    tokens each one brought, are the inter-token latencies (per sequence when n > 1)."""
 
     def __init__(self, metrics: ServerMetrics) -> None:
         self.metrics = metrics
-        self.last_time: float | None = None
-        self.num_tokens = 0
+        self.last_time: dict[int, float] = {}
+        self.num_tokens: dict[int, int] = {}
 
     def update(self, out: RequestOutput) -> None:
         now = time.monotonic()
-        n = len(out.outputs[0].token_ids)
-        new = n - self.num_tokens
-        if new > 0:
-            last, gaps = self.last_time, new
+        for c in out.outputs:
+            n = len(c.token_ids)
+            new = n - self.num_tokens.get(c.index, 0)
+            if new <= 0:
+                continue
+            last, gaps = self.last_time.get(c.index), new
             if last is None:  # the first output; if it brought several tokens (outputs merged
                 # while the stream was behind), the rest came after the first token's time
                 first = out.metrics.first_token_time if out.metrics is not None else None
@@ -117,6 +119,6 @@ class RequestTracker:
                 hist = self.metrics.itl.labels(self.metrics.model_name)
                 for _ in range(gaps):
                     hist.observe(gap)
-            self.last_time, self.num_tokens = now, n
+            self.last_time[c.index], self.num_tokens[c.index] = now, n
         if out.finished:
             self.metrics.observe_finished(out)

@@ -35,6 +35,7 @@ class _SamplingFields(_Request):
     stop: Union[str, list[str], None] = None
     stop_token_ids: list[int] | None = None
     n: int = 1
+    best_of: int | None = None  # None or n (the best n of best_of samples are not ranked)
     ignore_eos: bool = False
     min_tokens: int = 0
     stream: bool = False

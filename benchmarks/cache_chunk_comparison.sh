@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Prefix caching and chunked prefill in one GPU run, from the repository root:
+#   bash benchmarks/cache_chunk_comparison.sh
+# the prefix workload (cache on vs off), the chunked workload (chunked vs unchunked), the
+# throughput workload with the prefix cache on vs off (what caching costs where nothing is
+# shared), the per-step times of a chunked 8192-token prompt next to 64 decoders with the kernels
+# of those steps, and tests/gpu. JSON under ${OUT:-/tmp/out}, one log, a short table last.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+LOG=$OUT/cache_chunk.log
+# shellcheck source=benchmarks/common.sh
+source benchmarks/common.sh
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  git rev-parse --short HEAD 2>/dev/null; date -u; } 2>&1 | tee "$LOG"
+
+# One mode per process: each engine takes the free GPU memory for its KV cache.
+step prefix_on 90 $FOLO bench prefix --modes on --output-json "$OUT/prefix_on.json"
+step prefix_off 90 $FOLO bench prefix --modes off --output-json "$OUT/prefix_off.json"
+step chunked 90 $FOLO bench chunked --modes chunked --output-json "$OUT/chunked_chunked.json"
+step unchunked 90 $FOLO bench chunked --modes unchunked --output-json "$OUT/chunked_unchunked.json"
+step throughput_cache_off 100 $FOLO bench throughput --output-json "$OUT/throughput_off.json"
+step throughput_cache_on 100 $FOLO bench throughput --enable-prefix-caching --output-json "$OUT/throughput_on.json"
+step profile_chunked 90 python3 benchmarks/profile_chunked.py --budget 2048 --kernels
+step gpu_tests 200 python3 -m pytest -q -x tests/gpu
+
+echo | tee -a "$LOG"
+python3 - "$OUT" <<'PY' | tee "$OUT/table.txt" | tee -a "$LOG"
+import json, os, sys
+out = sys.argv[1]
+def load(name):
+    try:
+        return json.load(open(os.path.join(out, name)))
+    except (OSError, ValueError):
+        return None
+for name in ("prefix_on", "prefix_off"):
+    r = load(name + ".json")
+    for mode, m in (r or {}).get("results", {}).items():
+        print(f"prefix cache {mode:>3}: all 64 first tokens {m['all_first_tokens_ms']:8.1f} ms | wall with "
+              f"{r['output_len']} output tokens {m['wall_ms']:8.1f} ms | {m['cached_prompt_tokens']:,} cached")
+for name in ("chunked_chunked", "chunked_unchunked"):
+    r = load(name + ".json")
+    for mode, m in (r or {}).get("results", {}).items():
+        print(f"{mode:>9} (budget {m['max_num_batched_tokens']}): decoders' gap p50 {m['itl_p50_ms']:.1f} / "
+              f"p99 {m['itl_p99_ms']:.1f} / max {m['itl_max_ms']:.1f} ms | long TTFT "
+              + ", ".join(f"{t:.0f}" for t in m["long_ttft_ms"]) + " ms")
+off, on = load("throughput_off.json"), load("throughput_on.json")
+if off and on:
+    print(f"throughput, prefix cache off {off['output_tokens_per_s']:,.0f} / on {on['output_tokens_per_s']:,.0f} "
+          f"output tok/s: on costs {1 - on['output_tokens_per_s'] / off['output_tokens_per_s']:.1%}")
+PY

@@ -1,0 +1,14 @@
+# Sourced by the GPU comparison scripts (after they set LOG): the environment they share, and
+# step NAME LIMIT_S COMMAND..., which runs one step with a time limit (so a stuck step cannot eat
+# the others' time) and logs its output and exit code to $LOG.
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+FOLO="python3 -m folovllm"
+
+step() {
+  local name=$1 limit=$2; shift 2
+  echo "=== $name ($(date +%T), limit ${limit} s): $*" | tee -a "$LOG"
+  local t0=$SECONDS
+  timeout --signal=INT --kill-after=15 "$limit" "$@" 2>&1 | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  echo "=== $name: rc=$rc after $((SECONDS - t0)) s" | tee -a "$LOG"
+}
