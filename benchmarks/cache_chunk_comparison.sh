@@ -3,8 +3,8 @@
 #   bash benchmarks/cache_chunk_comparison.sh
 # the prefix workload (cache on vs off), the chunked workload (chunked vs unchunked), the
 # throughput workload with the prefix cache on vs off (what caching costs where nothing is
-# shared), the per-step times of a chunked 8192-token prompt next to 64 decoders with the kernels
-# of those steps, and tests/gpu. JSON under ${OUT:-/tmp/out}, one log, a short table last.
+# shared), the engine-level GPU tests, and the per-step times of a chunked 8192-token prompt next
+# to 64 decoders with the kernels of those steps. JSON under ${OUT:-/tmp/out}, one log, a short table last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}
@@ -17,14 +17,14 @@ source benchmarks/common.sh
   git rev-parse --short HEAD 2>/dev/null; date -u; } 2>&1 | tee "$LOG"
 
 # One mode per process: each engine takes the free GPU memory for its KV cache.
-step prefix_on 90 $FOLO bench prefix --modes on --output-json "$OUT/prefix_on.json"
-step prefix_off 90 $FOLO bench prefix --modes off --output-json "$OUT/prefix_off.json"
-step chunked 90 $FOLO bench chunked --modes chunked --output-json "$OUT/chunked_chunked.json"
-step unchunked 90 $FOLO bench chunked --modes unchunked --output-json "$OUT/chunked_unchunked.json"
-step throughput_cache_off 100 $FOLO bench throughput --output-json "$OUT/throughput_off.json"
-step throughput_cache_on 100 $FOLO bench throughput --enable-prefix-caching --output-json "$OUT/throughput_on.json"
-step profile_chunked 90 python3 benchmarks/profile_chunked.py --budget 2048 --kernels
-step gpu_tests 200 python3 -m pytest -q -x tests/gpu
+step prefix_on 70 $FOLO bench prefix --modes on --output-json "$OUT/prefix_on.json"
+step prefix_off 70 $FOLO bench prefix --modes off --output-json "$OUT/prefix_off.json"
+step chunked 70 $FOLO bench chunked --modes chunked --output-json "$OUT/chunked_chunked.json"
+step unchunked 70 $FOLO bench chunked --modes unchunked --output-json "$OUT/chunked_unchunked.json"
+step throughput_cache_off 80 $FOLO bench throughput --output-json "$OUT/throughput_off.json"
+step throughput_cache_on 80 $FOLO bench throughput --enable-prefix-caching --output-json "$OUT/throughput_on.json"
+step gpu_engine_tests 120 python3 -m pytest -q -x tests/gpu/test_engine_gpu.py tests/gpu/test_graph_padding_gpu.py
+step profile_chunked 60 python3 benchmarks/profile_chunked.py --budget 2048 --kernels
 
 echo | tee -a "$LOG"
 python3 - "$OUT" <<'PY' | tee "$OUT/table.txt" | tee -a "$LOG"
