@@ -37,6 +37,7 @@ def run(model: str, budget: int, kernels: bool, num_decoders: int, long_len: int
     params = SamplingParams(max_tokens=1024, ignore_eos=True, temperature=0.0)
     for i in range(num_decoders):
         engine.add_request(f"d{i}", {"prompt_token_ids": ids(512)}, params, stream=False)
+    engine.step()  # adds are applied at the start of a step
     while any(r.num_computed_tokens < r.num_prompt_tokens for r in scheduler.requests.values()):
         engine.step()
     for _ in range(10):
@@ -82,6 +83,7 @@ def run(model: str, budget: int, kernels: bool, num_decoders: int, long_len: int
         engine.add_request("long", {"prompt_token_ids": ids(long_len)}, params, stream=False)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                 torch.profiler.ProfilerActivity.CUDA]) as tp:
+            engine.step()  # the add is applied at the start of a step
             while scheduler.requests["long"].num_output_tokens == 0:
                 engine.step()
         print(f"\n  kernels over the mixed steps of one {long_len}-token prompt (budget {budget}):")
