@@ -192,6 +192,10 @@ class SchedulerConfig:
     max_num_batched_tokens: int | None = field(default=None, metadata=_help(
         "token budget of one step (default: 8192, or max_model_len without chunked prefill)"))
     enable_chunked_prefill: bool = True
+    # vLLM's knob: with chunked prefill, one request's prompt takes at most this many tokens of a
+    # step, so a long prompt leaves room for others (0: no cap beyond the budget).
+    long_prefill_token_threshold: int = field(default=0, metadata=_help(
+        "most prompt tokens one request may take in one step with chunked prefill (0: no cap)"))
     # Plan step N+1 while step N runs on the device, so the host's scheduling and output
     # processing overlap the GPU. None: on for CUDA devices, off on the CPU (where the forward
     # pass runs on the same cores and there is nothing to overlap).
@@ -205,6 +209,12 @@ class SchedulerConfig:
         _check(self.max_num_seqs >= 1, f"SchedulerConfig.max_num_seqs must be >= 1, got {self.max_num_seqs}")
         _check(self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1,
                f"SchedulerConfig.max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        _check(isinstance(self.long_prefill_token_threshold, int) and self.long_prefill_token_threshold >= 0,
+               f"SchedulerConfig.long_prefill_token_threshold must be an int >= 0, got "
+               f"{self.long_prefill_token_threshold!r}")
+        _check(self.long_prefill_token_threshold == 0 or self.enable_chunked_prefill,
+               "SchedulerConfig.long_prefill_token_threshold needs chunked prefill: it splits prompts over steps; "
+               "enable chunked prefill or leave the threshold at 0")
         # What was asked, kept apart from what finalize() resolves, so a config can be resolved
         # again (for another model or device) from the same request.
         self._asked_batched_tokens = self.max_num_batched_tokens

@@ -54,6 +54,13 @@ def test_same_tokens_under_any_chunk_budget(tiny_models, reference, budget, cach
     assert_idle(llm)
 
 
+def test_same_tokens_with_a_long_prefill_threshold(tiny_models, reference):
+    """Each prompt capped at 5 tokens a step (budget 64): the same tokens, in more steps."""
+    llm = make(tiny_models["qwen3"][0], True, max_num_batched_tokens=64, long_prefill_token_threshold=5)
+    assert tokens(llm) == reference
+    assert_idle(llm)
+
+
 @pytest.mark.parametrize("caching", [True, False], ids=["cache", "nocache"])
 def test_same_tokens_under_forced_preemption(tiny_models, reference, caching):
     """8 blocks of 8 tokens hold one 64-token request, not four 30-odd-token ones decoding: requests

@@ -28,9 +28,10 @@ def cdiv(a: int, b: int) -> int:
 
 
 def make_scheduler(*, num_blocks: int = 64, budget: int = 32, max_num_seqs: int = 16,
-                   chunked: bool = True, caching: bool = False, max_model_len: int = 64) -> Scheduler:
+                   chunked: bool = True, caching: bool = False, max_model_len: int = 64,
+                   long_prefill: int = 0) -> Scheduler:
     sc = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
-                         enable_chunked_prefill=chunked)
+                         enable_chunked_prefill=chunked, long_prefill_token_threshold=long_prefill)
     sc.finalize(max_model_len)
     cc = CacheConfig(block_size=BS, enable_prefix_caching=caching)
     cc.num_gpu_blocks = num_blocks
@@ -205,6 +206,27 @@ def test_token_budget_is_shared_by_running_and_waiting_requests():
         out, _ = d.step()
         assert out.num_scheduled_tokens == exp, i
         assert out.total_num_scheduled_tokens == sum(exp.values()) <= 10
+
+
+def test_long_prefill_threshold_caps_one_prompt_per_step_and_leaves_room_for_others():
+    """Budget 16, threshold 6: A's 20-token prompt goes 6 + 6 + 6 + 2 rather than 16 + 4, and B
+    (arriving with A) starts in the first step instead of waiting for A's chunks."""
+    s = make_scheduler(budget=16, long_prefill=6)
+    d = Driver(s)
+    d.add(make_req("A", 20, max_tokens=2), make_req("B", 9, max_tokens=2))
+    # 1: A 6, B 6 (of 9).  2: A 6, B 3 (prompt done: 1st token).  3: A 6, B 1 (2nd token:
+    # length).  4: A 2 (prompt done), B gone.
+    expected = [{"A": 6, "B": 6}, {"A": 6, "B": 3}, {"A": 6, "B": 1}, {"A": 2}]
+    for i, exp in enumerate(expected, 1):
+        out, _ = d.step()
+        assert out.num_scheduled_tokens == exp, i
+
+
+def test_long_prefill_threshold_needs_chunked_prefill():
+    with pytest.raises(ValueError, match="long_prefill_token_threshold needs chunked prefill"):
+        SchedulerConfig(enable_chunked_prefill=False, long_prefill_token_threshold=8)
+    with pytest.raises(ValueError, match="long_prefill_token_threshold must be an int >= 0"):
+        SchedulerConfig(long_prefill_token_threshold=-1)
 
 
 def test_without_chunked_prefill_a_prompt_that_does_not_fit_waits_and_nobody_overtakes_it():

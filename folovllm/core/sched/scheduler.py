@@ -105,6 +105,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         self.num_steps += 1
         token_budget = self.max_num_batched_tokens
+        long_prefill = self.config.long_prefill_token_threshold
         num_scheduled_tokens: dict[str, int] = {}
         new_reqs: list[NewRequestData] = []
         cached_reqs: list[CachedRequestData] = []
@@ -119,6 +120,8 @@ class Scheduler:
                 continue
             num_new = min(request.num_tokens + request.num_output_placeholders - request.num_computed_tokens,
                           token_budget)
+            if 0 < long_prefill < num_new:  # the next chunk of a long prompt, capped
+                num_new = long_prefill
             assert num_new > 0, f"{request} is running with nothing to compute"
             while True:
                 new_blocks = self.kv_cache_manager.allocate_slots(request, num_new)
@@ -162,6 +165,8 @@ class Scheduler:
                 else:
                     computed_blocks, num_cached = self.kv_cache_manager.get_computed_blocks(request)
                     num_new = request.num_tokens - num_cached
+                    if 0 < long_prefill < num_new:
+                        num_new = long_prefill
                     if num_new > token_budget:
                         if not self.config.enable_chunked_prefill:
                             break  # first come, first served: nobody overtakes it
