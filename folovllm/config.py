@@ -118,7 +118,8 @@ class ModelConfig:
         if method is None:
             return
         from folovllm.model_executor.layers.quantization import get_quantization_config_cls
-        get_quantization_config_cls(str(method).lower())  # raises for an unknown method
+        # Raises for an unknown method, and for settings the method cannot run (GPTQ bits=3, say).
+        get_quantization_config_cls(str(method).lower()).from_config(hf_quant or {})
         self.quantization = str(method).lower()
         self.hf_quant_config = hf_quant
 

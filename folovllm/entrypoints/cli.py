@@ -140,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     register_bench(sub)
     from folovllm.entrypoints.openai.cli_args import register as register_serve
     register_serve(sub)
+    from folovllm.eval.cli import register as register_eval
+    register_eval(sub)
+    from folovllm.quantization.cli import register as register_quantize
+    register_quantize(sub)
     return parser
 
 

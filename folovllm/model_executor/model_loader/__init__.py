@@ -117,6 +117,20 @@ def get_quant_config(model_config) -> QuantizationConfig | None:
     return quant_config
 
 
+def skip_stray_biases(model: nn.Module, weights):
+    """Drop all-zero `.bias` tensors of layers built without a bias: some GPTQ exporters write
+    one for every linear. A non-zero one still reaches the model, whose loader refuses it."""
+    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    mapping = getattr(model, "stacked_params_mapping", [])
+    for name, tensor in weights:
+        if name.endswith(".bias"):
+            target = next((name.replace(f".{part}.", f".{merged}.") for merged, part, _ in mapping
+                           if f".{part}." in name), name)
+            if target not in params and not torch.count_nonzero(tensor):
+                continue
+        yield name, tensor
+
+
 def get_model(model_config: ModelConfig, attn_impl, device: torch.device) -> nn.Module:
     """Build the model of `model_config` (a resolved ModelConfig: model, hf_config, dtype,
     quantization, hf_quant_config, seed, load_format) on `device`, this tensor-parallel rank's
@@ -137,7 +151,7 @@ def get_model(model_config: ModelConfig, attn_impl, device: torch.device) -> nn.
     if load_format_of(model_config) == "dummy":
         initialize_dummy_weights(model, model_config.seed)
     else:
-        loaded = model.load_weights(iterate_weights(model_config))
+        loaded = model.load_weights(skip_stray_biases(model, iterate_weights(model_config)))
         missing = model.expected_weight_names() - loaded
         if missing:
             raise ValueError(f"the checkpoint at {model_config.model} lacks {len(missing)} weight(s), e.g. "

@@ -34,5 +34,9 @@ def get_quantization_config_cls(name: str) -> type[QuantizationConfig]:
     return QUANTIZATION_METHODS[key]
 
 
+from folovllm.model_executor.layers.quantization.gptq import GPTQConfig  # noqa: E402
+
+register_quantization_config("gptq")(GPTQConfig)
+
 __all__ = ["QUANTIZATION_METHODS", "LinearMethodBase", "QuantizationConfig", "get_quantization_config_cls",
            "register_quantization_config"]

@@ -1,0 +1,1 @@
+"""Kernels of the quantization methods (matmuls that read quantized weights directly)."""
