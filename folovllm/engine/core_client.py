@@ -20,6 +20,7 @@ the client reports a child that died (killed, out of memory) to every waiting st
 from __future__ import annotations
 
 import multiprocessing as mp
+import multiprocessing.util as mp_util
 import os
 import threading
 import time
@@ -103,9 +104,13 @@ class EngineCoreProcClient:
         self._reader: threading.Thread | None = None
         self._reset_replies: list = []
         self._reset_event = threading.Event()
+        # Not a daemon, so that it may start tensor-parallel workers of its own; it is stopped at
+        # interpreter exit by the finalizer below (before multiprocessing joins its children).
         self.process = ctx.Process(target=run_engine_core, args=(config, cmd_recv, out_send, os.getpid()),
-                                   name="folovllm-engine-core", daemon=True)
+                                   name="folovllm-engine-core", daemon=False)
         self.process.start()
+        self._finalizer = mp_util.Finalize(self, _stop_child, args=(self.process, self._commands),
+                                           exitpriority=10)
         cmd_recv.close()
         out_send.close()  # only the child holds the write end now: its death ends recv() with EOFError
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -188,14 +193,22 @@ class EngineCoreProcClient:
 
     def shutdown(self, timeout: float = 5.0) -> None:
         """Ask the child to stop, then make sure it has: terminate, then kill."""
-        self._send("shutdown")
         with self._send_lock:
             self._closed = True
-        self.process.join(timeout)
-        if self.process.is_alive():
-            self.process.terminate()
-            self.process.join(2.0)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join(2.0)
-        self._commands.close()
+        _stop_child(self.process, self._commands, timeout)
+        self._finalizer.cancel()
+
+
+def _stop_child(process, commands, timeout: float = 5.0) -> None:
+    try:
+        commands.send(("shutdown",))
+    except (OSError, ValueError):
+        pass
+    process.join(timeout)
+    if process.is_alive():
+        process.terminate()
+        process.join(2.0)
+    if process.is_alive():
+        process.kill()
+        process.join(2.0)
+    commands.close()

@@ -7,10 +7,10 @@ from folovllm.executor.abstract import Executor
 
 
 def get_executor_class(config: EngineConfig) -> type[Executor]:
-    """The executor for this configuration: one worker in this process for one device."""
-    tp = config.parallel_config.tensor_parallel_size
-    if tp == 1:
+    """The executor for this configuration: one worker in this process for one device, or one
+    worker process per tensor-parallel rank."""
+    if config.parallel_config.world_size == 1:
         from folovllm.executor.uniproc import UniprocExecutor
         return UniprocExecutor
-    raise ValueError(f"tensor_parallel_size={tp} needs the multi-process executor, which this version "
-                     "does not have yet; use tensor_parallel_size=1")
+    from folovllm.executor.multiproc import MultiprocExecutor
+    return MultiprocExecutor

@@ -60,6 +60,24 @@ class Worker:
         logger.info("weights loaded in %.2f s", self.startup_times["load"])
         self.model_runner = ModelRunner(self.config, model, self.device)
 
+    def parameter_bytes(self) -> dict[str, int]:
+        """Bytes of this rank's parameters: "sharded" (layers split over the tensor-parallel
+        ranks: the linears), "replicated" (embeddings, LM head, norms: whole on every rank) and
+        "total"."""
+        from folovllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelLinear
+
+        sharded = replicated = 0
+        seen: set[int] = set()  # a tied LM head is the embedding's parameter: count it once
+        for module in self.model_runner.model.modules():
+            params = [p for p in module.parameters(recurse=False) if id(p) not in seen]
+            seen.update(map(id, params))
+            own = sum(p.numel() * p.element_size() for p in params)
+            if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+                sharded += own
+            else:
+                replicated += own
+        return {"sharded": sharded, "replicated": replicated, "total": sharded + replicated}
+
     # ---- KV cache ----------------------------------------------------------------------
 
     def kv_cache_bytes_per_block(self) -> int:

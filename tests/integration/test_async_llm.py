@@ -250,9 +250,9 @@ def pid_alive(pid: int) -> bool:
 
 
 def test_a_stream_that_falls_behind_gets_merged_outputs(engines):
-    """A reader slower than the engine: the outputs that piled up reach it as one (outputs are
-    cumulative), so it sees fewer outputs than tokens, each one extending the last, and ends with
-    the offline tokens."""
+    """A reader that stops reading after the first output until the core has finished the
+    request: the outputs that piled up reach it as one (they are cumulative), so it sees exactly
+    two outputs, and ends with the offline tokens."""
     async_llm, offline = engines
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
     [prompt] = prompts(1, seed=5)
@@ -261,11 +261,35 @@ def test_a_stream_that_falls_behind_gets_merged_outputs(engines):
         seen = []
         async for out in async_llm.generate({"prompt_token_ids": prompt}, params):
             seen.append(list(out.outputs[0].token_ids))
-            await asyncio.sleep(0.05)  # far slower than a step of the tiny model
+            if len(seen) == 1:  # fall behind: wait until the core is done with the request
+                for _ in range(3000):
+                    await asyncio.sleep(0.01)
+                    if async_llm.scheduler_stats.num_running_reqs == 0 and \
+                            async_llm.scheduler_stats.num_waiting_reqs == 0:
+                        break
         return seen
 
     seen = asyncio.run(main())
     [ref] = offline.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
-    assert seen[-1] == ref.outputs[0].token_ids
-    assert len(seen) < 40 // 2
-    assert all(b[:len(a)] == a and len(b) > len(a) for a, b in zip(seen, seen[1:]))
+    assert len(seen) == 2 and seen[-1] == ref.outputs[0].token_ids
+    assert seen[1][:len(seen[0])] == seen[0]
+
+
+def test_a_script_that_never_shuts_down_exits_and_leaves_no_engine_process(tiny_models, tmp_path):
+    """Interpreter exit without shutdown(): the finalizer stops the core's process, so the script
+    neither hangs on its child nor leaves it behind."""
+    script = tmp_path / "forgetful.py"
+    script.write_text(textwrap.dedent(f"""
+        from folovllm.engine.arg_utils import EngineArgs
+        from folovllm.engine.async_llm import AsyncLLM
+        if __name__ == "__main__":
+            llm = AsyncLLM.from_engine_args(EngineArgs(model={tiny_models["llama"][0]!r}, device="cpu"))
+            print(llm.engine_core.process.pid, flush=True)
+    """))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        child_pid = int(proc.stdout.readline())
+        assert proc.wait(30) == 0
+        assert not pid_alive(child_pid)
+    finally:
+        proc.kill()

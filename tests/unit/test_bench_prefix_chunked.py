@@ -65,7 +65,7 @@ def test_bench_chunked_end_to_end(tiny, tmp_path):
     out = tmp_path / "chunked.json"
     rc = main(["bench", "chunked", "--model", tiny, "--num-decoders", "3", "--decoder-input-len", "10",
                "--decoder-output-len", "400", "--num-long", "2", "--long-input-len", "150",
-               "--long-output-len", "2", "--arrival-interval-ms", "20", "--window-s", "0.1",
+               "--long-output-len", "2", "--arrival-interval-ms", "20", "--window-s", "1.0",
                "--max-model-len", "256", "--chunked-budget", "32", "--output-json", str(out)])
     assert rc == 0
     r = json.loads(out.read_text())

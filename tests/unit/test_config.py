@@ -104,14 +104,14 @@ def test_unknown_quantization_method_is_a_clear_error(tiny_models, tmp_path):
 
 def test_tensor_parallel_size_reaches_the_executor_choice(tiny_models):
     from folovllm.executor import get_executor_class
+    from folovllm.executor.multiproc import MultiprocExecutor
     from folovllm.executor.uniproc import UniprocExecutor
 
     path, _ = tiny_models["qwen3"]
     one = EngineConfig(ModelConfig(path), device="cpu")
     assert get_executor_class(one) is UniprocExecutor
     two = EngineConfig(ModelConfig(path), device="cpu", parallel_config=ParallelConfig(tensor_parallel_size=2))
-    with pytest.raises(ValueError, match="tensor_parallel_size=2 needs the multi-process executor"):
-        get_executor_class(two)
+    assert get_executor_class(two) is MultiprocExecutor
     with pytest.raises(ValueError, match="tensor_parallel_size must be an int >= 1"):
         ParallelConfig(tensor_parallel_size=0)
 
