@@ -62,9 +62,10 @@ class Worker:
 
     def parameter_bytes(self) -> dict[str, int]:
         """Bytes of this rank's parameters: "sharded" (layers split over the tensor-parallel
-        ranks: the linears), "replicated" (embeddings, LM head, norms: whole on every rank) and
-        "total"."""
+        ranks: the linears, the embedding and the LM head by vocabulary), "replicated" (norms:
+        whole on every rank) and "total"."""
         from folovllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelLinear
+        from folovllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 
         sharded = replicated = 0
         seen: set[int] = set()  # a tied LM head is the embedding's parameter: count it once
@@ -72,7 +73,7 @@ class Worker:
             params = [p for p in module.parameters(recurse=False) if id(p) not in seen]
             seen.update(map(id, params))
             own = sum(p.numel() * p.element_size() for p in params)
-            if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+            if isinstance(module, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)):
                 sharded += own
             else:
                 replicated += own

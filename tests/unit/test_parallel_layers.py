@@ -149,9 +149,16 @@ def test_rank_holds_its_slices_of_the_checkpoint(models, arch, tp, rank):
                 assert torch.equal(ours[f"{l}{proj}.bias"], bias)
         for norm in ("input_layernorm", "post_attention_layernorm"):
             assert torch.equal(ours[f"{l}{norm}.weight"], ref[f"{hf_l}{norm}.weight"])
-    # Replicated for now: the embedding and the LM head.
-    assert torch.equal(model.model.embed_tokens.weight, ref["model.embed_tokens.weight"])
-    assert torch.equal(model.lm_head.weight, ref["lm_head.weight"])
+    # The embedding and the LM head by vocabulary: rows [r*P, (r+1)*P), P = ceil(V / tp), the
+    # rows past the vocabulary (last rank) zero.
+    for ours_w, key in ((model.model.embed_tokens.weight, "model.embed_tokens.weight"),
+                        (model.lm_head.weight, "lm_head.weight")):
+        full = ref[key]
+        per = -(-full.shape[0] // tp)
+        want = torch.zeros(per, full.shape[1], dtype=full.dtype)
+        part = full[rank * per:(rank + 1) * per]
+        want[:part.shape[0]] = part
+        assert torch.equal(ours_w, want), key
 
 
 @pytest.mark.parametrize("tp,rank", RANKS)
