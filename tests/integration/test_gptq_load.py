@@ -206,3 +206,20 @@ def test_dummy_weights_run(tiny_models, tmp_path):
     out = llm.generate([{"prompt_token_ids": PROMPTS[0]}], SamplingParams(temperature=0.0, max_tokens=4,
                                                                           ignore_eos=True), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 4
+
+
+@pytest.mark.parametrize("act_order", [False, True], ids=["g32", "g32-actorder"])
+def test_gptq_checkpoint_under_tensor_parallelism(tiny_models, tmp_path, act_order):
+    """Two gloo ranks, each loading its shard of the GPTQ tensors (row-parallel layers whole
+    groups of scales/zeros): the dequantized model's greedy tokens, as with one rank."""
+    src, hf = tiny_models["llama"]
+    path, deq = write_gptq(src, tmp_path / "gptq", 4, 32, act_order, False, "gptq")
+    ref = hf_reference(hf, deq)
+    expected = [hf_greedy(ref, p, 10) for p in PROMPTS]
+    llm = LLM(model=str(path), device="cpu", tensor_parallel_size=2)
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == expected
+    finally:
+        llm.llm_engine.shutdown()
