@@ -144,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_eval(sub)
     from folovllm.quantization.cli import register as register_quantize
     register_quantize(sub)
+    from folovllm.entrypoints.worker_cli import register as register_worker
+    register_worker(sub)
     return parser
 
 
