@@ -74,6 +74,10 @@ class ParallelLMHead(VocabParallelEmbedding):
         self._split_vocab()
         if tied_embedding is not None:
             self.weight = tied_embedding.weight
+            # A method that keeps its own copy of the head (int8 on CPU) may take a tied one too:
+            # the embedding keeps its table, the head gets a quantized copy after loading.
+            if quant_config is not None and getattr(quant_config, "quantizes_tied_lm_head", False):
+                self.quant_method = quant_config.get_quant_method(self, prefix)
             return
         if quant_config is not None:
             self.quant_method = quant_config.get_quant_method(self, prefix)
@@ -90,9 +94,7 @@ class ParallelLMHead(VocabParallelEmbedding):
                                              weight_loader=self.weight_loader)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.quant_method is not None:
-            return self.quant_method.apply(self, hidden)
-        logits = F.linear(hidden, self.weight)
+        logits = F.linear(hidden, self.weight) if self.quant_method is None else self.quant_method.apply(self, hidden)
         if self.tp_size == 1:
             return logits
         return tensor_model_parallel_all_gather(logits, dim=-1)[..., :self.num_embeddings]

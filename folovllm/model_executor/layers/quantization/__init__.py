@@ -38,5 +38,9 @@ from folovllm.model_executor.layers.quantization.gptq import GPTQConfig  # noqa:
 
 register_quantization_config("gptq")(GPTQConfig)
 
+from folovllm.model_executor.layers.quantization.int8 import Int8Config  # noqa: E402
+
+register_quantization_config("int8")(Int8Config)
+
 __all__ = ["QUANTIZATION_METHODS", "LinearMethodBase", "QuantizationConfig", "get_quantization_config_cls",
            "register_quantization_config"]
