@@ -7,14 +7,10 @@
 # to 64 decoders with the kernels of those steps. JSON under ${OUT:-/tmp/out}, one log, a short table last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-LOG=$OUT/cache_chunk.log
 # shellcheck source=benchmarks/common.sh
 source benchmarks/common.sh
 
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  git rev-parse --short HEAD 2>/dev/null; date -u; } 2>&1 | tee "$LOG"
+start_log cache_chunk.log
 
 # One mode per process: each engine takes the free GPU memory for its KV cache.
 step prefix_on 70 $FOLO bench prefix --modes on --output-json "$OUT/prefix_on.json"

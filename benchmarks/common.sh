@@ -1,8 +1,17 @@
-# Sourced by the GPU comparison scripts (after they set LOG): the environment they share, and
-# step NAME LIMIT_S COMMAND..., which runs one step with a time limit (so a stuck step cannot eat
-# the others' time) and logs its output and exit code to $LOG.
+# Sourced by the GPU comparison scripts: the environment they share; start_log FILE, which makes
+# $OUT, sets LOG=$OUT/FILE and writes the device, commit and date to it; and step NAME LIMIT_S
+# COMMAND..., which runs one step with a time limit (so a stuck step cannot eat the others' time)
+# and logs its output and exit code to $LOG.
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 FOLO="python3 -m folovllm"
+
+start_log() {
+  LOG=$OUT/$1
+  { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    git rev-parse --short HEAD 2>/dev/null; date -u; } 2>&1 | tee "$LOG"
+}
 
 step() {
   local name=$1 limit=$2; shift 2

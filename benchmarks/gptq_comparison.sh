@@ -8,14 +8,10 @@
 # kernel's GPU tests. JSON under ${OUT:-/tmp/out}, one log, the table last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-LOG=$OUT/gptq.log
 # shellcheck source=benchmarks/common.sh
 source benchmarks/common.sh
 
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  git rev-parse --short HEAD 2>/dev/null; date -u; } 2>&1 | tee "$LOG"
+start_log gptq.log
 
 step kernel_tests 150 python3 -m pytest -q -x tests/unit/test_gptq_triton.py tests/unit/test_gptq_linear.py
 step gemm 120 python3 benchmarks/bench_gptq_gemm.py

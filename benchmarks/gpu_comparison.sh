@@ -24,14 +24,10 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-LOG=$OUT/bench.log
 # shellcheck source=benchmarks/common.sh
 source benchmarks/common.sh
 
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  git rev-parse --short HEAD 2>/dev/null; date -u; } 2>&1 | tee "$LOG"
+start_log bench.log
 
 step ceilings 60 python3 -m folovllm.bench.floor --output-json "$OUT/ceilings.json"
 # shellcheck disable=SC2086

@@ -23,16 +23,12 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-LOG=$OUT/serve.log
 # shellcheck source=benchmarks/common.sh
 source benchmarks/common.sh
 MODEL=${MODEL:-benchmarks/configs/qwen3-0.6b}
 URL=http://127.0.0.1:$PORT
 
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  git rev-parse --short HEAD 2>/dev/null; date -u; } 2>&1 | tee "$LOG"
+start_log serve.log
 
 echo "=== offline ($(date +%T))" | tee -a "$LOG"
 # shellcheck disable=SC2086

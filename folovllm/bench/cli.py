@@ -26,22 +26,22 @@ def _write(result: dict, path: str | None) -> None:
         Path(path).write_text(json.dumps(result, indent=2))
 
 
-def cmd_throughput(ns: argparse.Namespace) -> int:
-    from folovllm.bench import throughput
+def _offline_command(name: str):
+    """The command of an offline workload: folovllm.bench.<name>'s run() on the engine flags, its
+    report printed, the result written as JSON when asked."""
+    def command(ns: argparse.Namespace) -> int:
+        import importlib
 
-    result = throughput.run(ns, from_cli_args(ns))
-    print(throughput.report(result))
-    _write(result, ns.output_json)
-    return 0
+        module = importlib.import_module(f"folovllm.bench.{name}")
+        result = module.run(ns, from_cli_args(ns))
+        print(module.report(result))
+        _write(result, ns.output_json)
+        return 0
+    return command
 
 
-def cmd_latency(ns: argparse.Namespace) -> int:
-    from folovllm.bench import latency
-
-    result = latency.run(ns, from_cli_args(ns))
-    print(latency.report(result))
-    _write(result, ns.output_json)
-    return 0
+cmd_throughput, cmd_latency = _offline_command("throughput"), _offline_command("latency")
+cmd_prefix, cmd_chunked = _offline_command("prefix"), _offline_command("chunked")
 
 
 def _modes(choices):
@@ -51,24 +51,6 @@ def _modes(choices):
             raise argparse.ArgumentTypeError(f"modes are a comma-separated list of {', '.join(choices)}, got {text!r}")
         return modes
     return parse
-
-
-def cmd_prefix(ns: argparse.Namespace) -> int:
-    from folovllm.bench import prefix
-
-    result = prefix.run(ns, from_cli_args(ns))
-    print(prefix.report(result))
-    _write(result, ns.output_json)
-    return 0
-
-
-def cmd_chunked(ns: argparse.Namespace) -> int:
-    from folovllm.bench import chunked
-
-    result = chunked.run(ns, from_cli_args(ns))
-    print(chunked.report(result))
-    _write(result, ns.output_json)
-    return 0
 
 
 def _rate(text: str) -> float:

@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from folovllm.model_executor.layers.quantization.base_config import LinearMethodBase, QuantizationConfig
-from folovllm.model_executor.utils import set_weight_attrs
 
 
 def quantize_int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,13 +58,10 @@ class Int8Config(QuantizationConfig):
 
 
 class Int8LinearMethod(LinearMethodBase):
-    def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
-                       params_dtype, **extra_weight_attrs) -> None:
-        # Loaded in the model's dtype like an unquantized weight, quantized once all are in.
-        weight = nn.Parameter(torch.empty(sum(output_partition_sizes), input_size_per_partition, dtype=params_dtype),
-                              requires_grad=False)
-        set_weight_attrs(weight, {"input_dim": 1, "output_dim": 0, **extra_weight_attrs})
-        layer.register_parameter("weight", weight)
+    def create_weights(self, *args, **kwargs) -> None:
+        # Loaded in the model's dtype exactly as an unquantized weight; quantized once all are in.
+        from folovllm.model_executor.layers.linear import UnquantizedLinearMethod
+        UnquantizedLinearMethod.create_weights(self, *args, **kwargs)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         dtype = layer.weight.dtype
