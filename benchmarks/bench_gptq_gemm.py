@@ -1,23 +1,28 @@
 """The GPTQ kernel against cuBLAS bf16 on the projections of Qwen3-8B (BENCHMARKS.md's gptq
 workload): 4-bit g128 weights through gptq_matmul (folovllm/model_executor/layers/quantization/
 kernels/gptq_triton.py) vs the same shapes dense through F.linear, timed in CUDA graphs (as the
-engine runs them), with the weight bytes each reads against a measured copy bandwidth.
+engine runs them) with several copies of each weight cycled so that no call is served from L2,
+and the weight bytes each call reads against a measured copy bandwidth. --sweep also tries a grid
+of tile configurations and split-K factors per shape and row count and prints the best.
 
-    PYTHONPATH=. python3 benchmarks/bench_gptq_gemm.py [--rows 1 4 16 64 512] [--act-order]
+    PYTHONPATH=. python3 benchmarks/bench_gptq_gemm.py [--rows 1 4 16 64 512] [--act-order] [--sweep]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.bench_skinny_gemm import copy_bandwidth, timed
+from benchmarks.bench_skinny_gemm import timed
+from folovllm.bench.floor import measure_ceilings
 from folovllm.model_executor.layers.quantization.kernels import gptq_triton as gq
 
 # name: (in K, out N) of Qwen3-8B's projections (hidden 4096, 32 + 2 x 8 heads of 128, inter 12288)
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 24576), "down": (12288, 4096)}
+L2_BYTES = 60 << 20  # more than an H100/H200's L2: the copies cycled per shape exceed this
 
 
 def quantized(k: int, n: int, bits: int, group: int, act_order: bool, gen: torch.Generator):
@@ -30,7 +35,34 @@ def quantized(k: int, n: int, bits: int, group: int, act_order: bool, gen: torch
     g_idx = None
     if act_order:
         g_idx = (torch.arange(k) // group)[torch.randperm(k, generator=gen)].int().cuda()
-    return qweight, qzeros, scales, g_idx
+    return gq.gptq_prepare(qweight, qzeros, scales, g_idx, bits, group)
+
+
+def copies(make, nbytes: int) -> list:
+    return [make() for _ in range(max(2, -(-3 * L2_BYTES // nbytes)))]
+
+
+def sweep_configs(m: int) -> list[tuple[gq.GPTQKernelConfig, int | None]]:
+    """The grid --sweep tries for m rows: GEMV tiles up to GEMV_MAX_ROWS, tensor-core tiles above
+    (with each unpacking), and dequantize-then-cuBLAS for big m."""
+    C = gq.GPTQKernelConfig
+    out = []
+    if m <= gq.GEMV_MAX_ROWS:
+        for bn, bk, warps, stages, each in itertools.product([64, 128, 256], [64, 128], [4], [2, 3], [False, True]):
+            for split in [None, 1, 4]:
+                out.append((C(m, bn, bk, warps, stages, kind="gemv", scale_each=each), split))
+    elif m <= 64:
+        bm = 16 if m <= 16 else 32 if m <= 32 else 64
+        for bn, bk, warps, stages in itertools.product([32, 64, 128], [128, 256], [4], [3, 4]):
+            for split in [None, 1, 4, 8]:
+                out.append((C(bm, bn, bk, warps, stages), split))
+        out += [(C(bm, 64, 64, 4, 4, unpack="reshape"), None), (C(bm, 64, 64, 4, 4, unpack="gather"), None)]
+    else:
+        for bm, bn, warps, stages, unpack in itertools.product([64, 128], [64, 128], [4, 8], [3, 4],
+                                                               ["nibble", "reshape"]):
+            out.append((C(bm, bn, 128 if unpack == "nibble" else 64, warps, stages, unpack=unpack), 1))
+        out += [(C(0, bn, 128, warps, kind="dequant"), 1) for bn in (64, 128, 256) for warps in (4, 8)]
+    return out
 
 
 def main() -> None:
@@ -39,27 +71,61 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--act-order", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="try a grid of tile configurations too")
+    ap.add_argument("--sweep-rows", type=int, nargs="+", default=[1, 16])
     args = ap.parse_args()
-    bw = copy_bandwidth()
+    bw = measure_ceilings("cuda").bandwidth  # the copy ceiling every benchmark reports against
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s; {args.bits}-bit g{args.group_size}"
-          f"{' act-order' if args.act_order else ''} vs bf16")
+          f"{' act-order' if args.act_order else ''} vs bf16", flush=True)
     gen = torch.Generator().manual_seed(0)
-    rows = []
+    rows, best_rows = [], []
     for name, (k, n) in SHAPES.items():
-        qw, qz, sc, g = quantized(k, n, args.bits, args.group_size, args.act_order, gen)
-        dense = torch.randn(n, k, dtype=torch.bfloat16, device="cuda")
-        quant_bytes = qw.numel() * 4 + qz.numel() * 4 + sc.numel() * 2
+        quant_bytes = k * n * args.bits // 8 + (k // args.group_size) * n * (16 + args.bits) // 8
+        qs = copies(lambda: quantized(k, n, args.bits, args.group_size, args.act_order, gen), quant_bytes)
+        ds = copies(lambda: torch.randn(n, k, dtype=torch.bfloat16, device="cuda"), 2 * n * k)
+        w0 = qs[0]
+        dense0 = gq.gptq_dequantize(w0.qweight, w0.qzeros, w0.scales, w0.g_idx, args.bits, args.group_size).float()
         for m in args.rows:
             x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
-            ref = x.float() @ gq.gptq_dequantize(qw, qz, sc, g, args.bits, args.group_size).float()
-            out = gq.gptq_matmul(x, qw, qz, sc, g, args.bits, args.group_size)
-            err = ((out.float() - ref).norm() / ref.norm()).item()
-            t_q = timed(lambda: gq.gptq_matmul(x, qw, qz, sc, g, args.bits, args.group_size))
-            t_d = timed(lambda: F.linear(x, dense))
-            rows.append((name, m, t_d, t_q, quant_bytes / (t_q * 1e-6) / bw, err))
-    print(f"\n{'shape':<8} {'rows':>5} {'bf16 us':>9} {'gptq us':>9} {'speed-up':>9} {'gptq BW %':>10} {'rel err':>9}")
-    for name, m, t_d, t_q, frac, err in rows:
-        print(f"{name:<8} {m:>5} {t_d:>9.1f} {t_q:>9.1f} {t_d / t_q:>8.2f}x {frac:>9.0%} {err:>9.1e}")
+            xp = x if w0.perm is None else x[:, w0.perm.long()]
+            ref = xp.float() @ dense0
+            err = ((w0.matmul(x).float() - ref).norm() / ref.norm()).item()
+            iq, idn = itertools.cycle(qs), itertools.cycle(ds)
+            t_q = timed(lambda: next(iq).matmul(x))
+            t_d = timed(lambda: F.linear(x, next(idn)))
+            rows.append((name, m, t_d, t_q, quant_bytes / (t_q * 1e-6) / bw, 2 * n * k / (t_d * 1e-6) / bw, err))
+            if args.sweep and m in args.sweep_rows:
+                best, timings = None, []
+                for cfg, split in sweep_configs(m):
+                    try:
+                        e = ((w0.matmul(x, split_k=split, config=cfg).float() - ref).norm() / ref.norm()).item()
+                        t = timed(lambda: next(iq).matmul(x, split_k=split, config=cfg))
+                    except Exception as exc:  # a tile too large for shared memory
+                        print(f"  {name} m={m} {cfg} split={split}: {type(exc).__name__}", flush=True)
+                        continue
+                    assert e < 1e-2, (name, m, cfg, split, e)
+                    timings.append((t, cfg, split))
+                    if best is None or t < best[0]:
+                        best = (t, cfg, split)
+                best_rows.append((name, m, t_q, *best))
+                print(f"  {name} m={m}: default {t_q:.1f} us, best {best[0]:.1f} us {best[1]} split={best[2]}",
+                      flush=True)
+                if m > 64:  # the best of each kind, to choose where one hands over to the next
+                    for kind in ("dot", "dequant"):
+                        ts = [t for t, c, _ in timings if c.kind == kind]
+                        print(f"    best {kind}: {min(ts):.1f} us", flush=True)
+    if best_rows:
+        print(f"\n{'shape':<8} {'rows':>5} {'default us':>10} {'best us':>8} {'best BW %':>9}  best config")
+        for name, m, t_q, t, cfg, split in best_rows:
+            k, n = SHAPES[name]
+            qb = k * n * args.bits // 8 + (k // args.group_size) * n * (16 + args.bits) // 8
+            print(f"{name:<8} {m:>5} {t_q:>10.1f} {t:>8.1f} {qb / (t * 1e-6) / bw:>9.0%}  {cfg.kind} "
+                  f"bm={cfg.block_m} bn={cfg.block_n} bk={cfg.block_k} w={cfg.num_warps} s={cfg.num_stages} "
+                  f"{cfg.unpack} each={cfg.scale_each} split={split}")
+    print(f"\n{'shape':<8} {'rows':>5} {'bf16 us':>9} {'gptq us':>9} {'speed-up':>9} {'gptq BW %':>10} "
+          f"{'bf16 BW %':>10} {'rel err':>9}")
+    for name, m, t_d, t_q, frac, frac_d, err in rows:
+        print(f"{name:<8} {m:>5} {t_d:>9.1f} {t_q:>9.1f} {t_d / t_q:>8.2f}x {frac:>9.0%} {frac_d:>10.0%} {err:>9.1e}")
 
 
 if __name__ == "__main__":

@@ -125,27 +125,67 @@ def test_matches_float64_reference(m, k, n, bits, group_size, g_idx_kind, split_
 
 
 @in_process
+@pytest.mark.parametrize("kind", ["dot", "gemv"])
 @pytest.mark.parametrize("split_k", [1, 3, 64])
 @pytest.mark.parametrize("g_idx_kind", ["none", "actorder"])
-def test_explicit_split_k(split_k, g_idx_kind):
+def test_explicit_split_k(split_k, g_idx_kind, kind):
     """Explicit slice counts: uneven (3 slices of 16 K tiles), and more than there are K tiles;
-    groups of two K tiles each."""
+    groups of two K tiles each. The slices' partials are summed by the last slice to finish, so a
+    second call (the counters must be back at zero) gives the same result."""
     packed, w = make_weight(512, 64, 4, 64, g_idx_kind)
-    cfg = gq.GPTQKernelConfig(16, 32, 32)
-    check(randx(2, 512, DTYPES[0]), packed, w, 4, 64, split_k=split_k, config=cfg)
+    cfg = gq.GPTQKernelConfig(16, 32, 32, unpack="reshape", kind=kind)
+    x = randx(2, 512, DTYPES[0])
+    first = check(x, packed, w, 4, 64, split_k=split_k, config=cfg)
+    again = check(x, packed, w, 4, 64, split_k=split_k, config=cfg)
+    assert torch.equal(first, again)
 
 
 @in_process
-@pytest.mark.parametrize("unpack_reshape", [False, True], ids=["gather", "reshape"])
+@pytest.mark.parametrize("unpack", ["gather", "reshape", "nibble"])
 @pytest.mark.parametrize("bits,group_size,g_idx_kind", [(4, 32, "none"), (8, 64, "actorder"), (2, -1, "none"),
-                                                        (2, 64, "random")])
-def test_both_unpackings(unpack_reshape, bits, group_size, g_idx_kind):
-    """The two ways of unpacking a tile (one load per row, or one per int32 spread by a reshape);
-    2-bit weights (16 per int32) as well."""
+                                                        (2, 64, "random"), (4, 128, "none")])
+def test_every_unpacking(unpack, bits, group_size, g_idx_kind):
+    """The three ways of unpacking a tile for the tensor cores (one load per row; one per int32
+    spread by a reshape; one per int32, its bit fields dotted one at a time with the x columns they
+    meet); 2-bit weights (16 per int32) as well."""
     packed, w = make_weight(256, 64, bits, group_size, g_idx_kind)
     for dtype in DTYPES:
-        cfg = gq.GPTQKernelConfig(16, 32, 64, unpack_reshape=unpack_reshape)
+        cfg = gq.GPTQKernelConfig(16, 32, 64, unpack=unpack)
         check(randx(5, 256, dtype), packed, w, bits, group_size, config=cfg, split_k=2)
+
+
+@in_process
+@pytest.mark.parametrize("scale_each", [False, True], ids=["per_tile", "per_weight"])
+@pytest.mark.parametrize("bits,group_size", [(4, 32), (8, 64), (2, -1), (4, 128)])
+@pytest.mark.parametrize("m", [1, 2, 3])
+def test_gemv_kernel(m, bits, group_size, scale_each):
+    """The CUDA-core kernel for a few rows, both ways of applying the scales, with and without an
+    act-order permutation of x's columns (gptq_prepare's layout)."""
+    packed, w = make_weight(256, 96, bits, group_size)
+    for dtype in DTYPES:
+        cfg = gq.GPTQKernelConfig(4, 32, 64, kind="gemv", scale_each=scale_each)
+        check(randx(m, 256, dtype), packed, w, bits, group_size, config=cfg, split_k=2)
+    packed, w = make_weight(256, 32, bits, group_size, "actorder" if group_size != -1 else "none")
+    prepared = gq.gptq_prepare(packed["qweight"], packed["qzeros"], packed["scales"], packed["g_idx"], bits,
+                               group_size)
+    x = randx(m, 256, DTYPES[0])
+    ref = x.double().cpu() @ w
+    out = prepared.matmul(x, config=gq.GPTQKernelConfig(4, 32, 64, kind="gemv", scale_each=scale_each))
+    assert rel_err(out, ref) < TOL[x.dtype]
+
+
+@in_process
+@pytest.mark.parametrize("g_idx_kind", ["none", "actorder", "random"])
+def test_dequantize_then_matmul(g_idx_kind):
+    """The large-batch path: the weight dequantized into a scratch buffer by the Triton kernel,
+    then one dense matmul (with gptq_prepare's permutation of x's columns where it applies)."""
+    packed, w = make_weight(256, 96, 4, 32, g_idx_kind)
+    cfg = gq.GPTQKernelConfig(0, 32, 64, kind="dequant")
+    for dtype in DTYPES:
+        check(randx(7, 256, dtype), packed, w, 4, 32, config=cfg)
+    prepared = gq.gptq_prepare(packed["qweight"], packed["qzeros"], packed["scales"], packed["g_idx"], 4, 32)
+    x = randx(7, 256, DTYPES[0])
+    assert rel_err(prepared.matmul(x, config=cfg), x.double().cpu() @ w) < TOL[x.dtype]
 
 
 @in_process
@@ -245,14 +285,19 @@ def test_prepare_sorts_act_order_rows(bits):
 
 @in_process
 def test_decode_batches_share_one_compiled_kernel():
-    """Every M of a decode step (1..16) gets the same compile-time configuration and the same grid
-    shape for a layer, and big M turns split-K off; M itself is a runtime argument that the
-    compiled kernel is not specialised on (test_compiles_for_hopper_without_a_gpu)."""
+    """Every M of a decode step above the GEMV rows (5..16) gets the same compile-time
+    configuration and grid shape for a layer, M up to GEMV_MAX_ROWS goes to the GEMV kernel, and
+    big M turns split-K off; M itself is a runtime argument that the compiled kernels are not
+    specialised on (test_compiles_for_hopper_without_a_gpu)."""
     cpu = torch.device("cpu")
+    for m in range(1, gq.GEMV_MAX_ROWS + 1):
+        assert gq.default_config(m, 4096, 4096).kind == "gemv"
+    assert gq.default_config(gq.DEQUANT_MIN_ROWS, 4096, 4096).kind == "dequant"
     for n, k in [(6144, 4096), (4096, 12288), (32, 64)]:
-        configs = {gq.default_config(m, n, k) for m in range(1, 17)}
+        configs = {gq.default_config(m, n, k) for m in range(gq.GEMV_MAX_ROWS + 1, 17)}
         assert len(configs) == 1
         cfg = configs.pop()
+        assert cfg.kind == "dot"
         assert gq._choose_block_k(cfg.block_k, k, 8, 128 if k > 128 else k, False)[1] == 0  # per-tile groups
         splits = {gq._choose_split_k(None, m, -(-n // cfg.block_n), -(-k // cfg.block_k), cpu) for m in range(1, 17)}
         assert len(splits) == 1
@@ -262,31 +307,51 @@ def test_decode_batches_share_one_compiled_kernel():
 
 
 _COMPILE_FOR_SM90 = """
+import dataclasses
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from folovllm.model_executor.layers.quantization.kernels import gptq_triton as g
-names = ["x_ptr", "qw_ptr", "qz_ptr", "s_ptr", "g_ptr", "perm_ptr", "out_ptr", "M", "N", "K", "group_size",
-         "k_per_split", "stride_xm", "stride_qk", "stride_zg", "stride_sg", "stride_os", "stride_om"]
-for m, mode, perm, reshape in [(1, 0, True, True), (1, 2, False, False), (512, 0, False, True), (512, 2, False, True)]:
-    cfg = g.default_config(m, 4096, 4096)
-    sig = dict(zip(names, ["*bf16", "*i32", "*i32", "*fp16", "*i32", "*i32", "*fp32"] + ["i32"] * 11))
-    consts = dict(BITS=4, GROUP_MODE=mode, HAS_PERM=perm, UNPACK_RESHAPE=reshape, DOT_PREC=None,
-                  BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
+names = ["x_ptr", "qw_ptr", "qz_ptr", "s_ptr", "g_ptr", "perm_ptr", "out_ptr", "part_ptr", "lock_ptr", "M", "N",
+         "K", "group_size", "k_per_split", "stride_xm", "stride_qk", "stride_zg", "stride_sg", "stride_om"]
+ptrs = ["*bf16", "*i32", "*i32", "*fp16", "*i32", "*i32", "*bf16", "*fp32", "*i32"]
+
+def build(fn, names, types, consts, cfg):
+    sig = dict(zip(names, types))
     sig.update(dict.fromkeys(consts, "constexpr"))
-    k = triton.compile(ASTSource(fn=g._gptq_matmul_kernel, signature=sig, constexprs=consts),
-                       target=GPUTarget("cuda", 90, 32),
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                        options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
     assert k.asm["cubin"] and k.metadata.shared < 200 * 1024, k.metadata.shared
-assert [p.name for p in g._gptq_matmul_kernel.params if p.do_not_specialize] == ["M"]
+
+for m, mode, perm, unpack, split in [(16, 0, True, 2, True), (16, 2, False, 0, False), (20, 0, False, 1, False),
+                                     (20, 2, False, 2, True)]:
+    cfg = g.default_config(m, 4096, 4096)
+    if unpack != 2:  # the row-wise unpackings take shallower K tiles (their shared memory grows with it)
+        cfg = dataclasses.replace(cfg, block_k=64)
+    build(g._gptq_matmul_kernel, names, ptrs + ["i32"] * 10,
+          dict(BITS=4, GROUP_MODE=mode, HAS_PERM=perm, UNPACK=unpack, DOT_PREC=None, SPLIT_K=split,
+               BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k), cfg)
+gemv_names = [nm for nm in names if nm != "g_ptr"]
+for m, perm, each, split in [(1, False, False, True), (4, True, True, False)]:
+    cfg = g.default_config(m, 4096, 4096)
+    build(g._gptq_gemv_kernel, gemv_names, [p for i, p in enumerate(ptrs) if i != 4] + ["i32"] * 10,
+          dict(BITS=4, HAS_PERM=perm, SCALE_EACH=each, SPLIT_K=split, BLOCK_M=m, BLOCK_N=cfg.block_n,
+               BLOCK_K=cfg.block_k), cfg)
+cfg = g.default_config(g.DEQUANT_MIN_ROWS, 4096, 4096)
+build(g._gptq_dequant_kernel, ["qw_ptr", "qz_ptr", "s_ptr", "g_ptr", "w_ptr", "N", "K", "group_size", "stride_qk",
+                               "stride_zg", "stride_sg", "stride_wk"], ["*i32", "*i32", "*fp16", "*i32", "*bf16"] + ["i32"] * 7,
+      dict(BITS=4, HAS_G_IDX=False, BLOCK_N=cfg.block_n, BLOCK_KP=cfg.block_k // 8), cfg)
+for fn in (g._gptq_matmul_kernel, g._gptq_gemv_kernel):
+    assert [p.name for p in fn.params if p.do_not_specialize] == ["M"]
 print("compiled")
 """
 
 
 def test_compiles_for_hopper_without_a_gpu():
-    """The kernel goes through Triton's whole NVIDIA pipeline (to a cubin for sm_90) for the decode
-    and prefill tiles, both group paths and both unpackings: no GPU is needed to compile. And the
-    compiled kernel does not specialise on M (no new compile for every decode batch size)."""
+    """The kernels go through Triton's whole NVIDIA pipeline (to a cubin for sm_90) for the decode
+    tiles, both group paths, every unpacking, split-K, and the dequantize kernel of large batches:
+    no GPU is needed to compile.
+    And the compiled kernels do not specialise on M (no new compile for every decode batch size)."""
     env = {key: v for key, v in os.environ.items() if key != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
                        timeout=300)

@@ -1,5 +1,6 @@
-"""y = x @ W for GPTQ weights (2-, 4- or 8-bit integers packed in int32), dequantized inside the
-matmul loop: the full-precision W is never written to memory.
+"""y = x @ W for GPTQ weights (2-, 4- or 8-bit integers packed in int32): up to DEQUANT_MIN_ROWS
+rows the weight is dequantized inside the matmul loop and the full-precision W is never written to
+memory; for more rows it is dequantized once into a scratch buffer for cuBLAS.
 
 Layout (the GPTQ checkpoint's, with p = 32 // bits values per int32):
 
@@ -11,14 +12,23 @@ Layout (the GPTQ checkpoint's, with p = 32 // bits values per int32):
 
     W[k, n] = scales[g, n] * (W_q[k, n] - z[g, n])
 
-The kernel tiles the output in BLOCK_M x BLOCK_N tiles; each program walks its K range in BLOCK_K
-steps, loads the packed rows of its tile, unpacks them with shifts and masks, and multiplies on the
-tensor cores with a float32 accumulator. Unpacking either loads each int32 once and spreads its p
-values over p rows with a broadcast shift and a reshape (the default: its pipelined loads need
-2.5-3.5x less shared memory in an sm_90 compile), or (unpack_reshape=False) loads int32 row k // p
-for every row k, so each int32 is fetched p times from cache.
+Three kernels, chosen by the number of rows M (default_config):
 
-The scale and zero come in one of three ways (GROUP_MODE):
+  gemv     (M = 1): CUDA cores. Each program loads a packed [BLOCK_K / p, BLOCK_N] tile once and
+           multiplies each of its p bit fields by the x values of the rows it holds as it is
+           extracted; every K tile lies inside one group, so the scale multiplies the tile's sum.
+  dot      (M up to DEQUANT_MIN_ROWS): tensor cores, [BLOCK_M, BLOCK_N] output tiles with a float32
+           accumulator, the weight dequantized tile by tile inside the K loop. The default
+           unpacking ("nibble") dots each bit field's rows against the x columns they meet, p
+           dots of BLOCK_K / p rows, so the unpacked tile is never reshaped; "reshape" spreads
+           each int32 over its p rows with a broadcast shift and a reshape, "gather" loads int32
+           row k // p for every row k.
+  dequant  (larger M): the weight dequantized once into a scratch buffer, then one cuBLAS matmul.
+
+Integers become floats without a conversion instruction: OR-ing q into the bits of the float
+2**23 gives 2**23 + q exactly, and subtracting 2**23 + z leaves q - z (MAGIC_BITS).
+
+The scale and zero come in one of three ways (GROUP_MODE, dot kernel):
 
   0  the group is constant over a K tile (no g_idx and BLOCK_K divides group_size, or one group):
      one [BLOCK_N] row of scales and zeros per tile; the tile's integer differences W_q - z (exact
@@ -27,12 +37,13 @@ The scale and zero come in one of three ways (GROUP_MODE):
   2  a general g_idx (act-order checkpoints): the group of every row of the tile is loaded and the
      scales and zeros are gathered per element before the dot.
 
-Few output tiles (decode: M <= 16 rows, one row of tiles) would leave most of the GPU idle, so the
-K dimension is also split over a third grid axis (split-K): each slice writes a float32 partial
-[SPLIT_K, M, N] and the partials are summed (deterministic, unlike atomic adds).
+Few output tiles (decode: one row of tiles) would leave most of the GPU idle, so the K dimension
+is also split over a third grid axis (split-K): each slice writes a float32 partial, and the
+slice of a tile that finishes last (a counter per tile) adds the partials in slice order and
+writes the output: deterministic, and no second kernel.
 
-M is a runtime argument that the kernel is not specialised on (do_not_specialize), and the
-compile-time block sizes come from a few buckets of M, so a decode step with 1..16 rows reuses one
+M is a runtime argument that the kernels are not specialised on (do_not_specialize), and the
+compile-time block sizes come from a few buckets of M, so the decode steps of a bucket reuse one
 compiled kernel per layer shape; the grid depends only on the shapes (CUDA-graph capturable).
 
 Act-order checkpoints can be re-laid out once after loading (gptq_prepare): when every group
@@ -57,17 +68,70 @@ SUPPORTED_BITS = (2, 4, 8)
 # split-K is considered for up to this many rows; above it there are enough output tiles.
 SPLIT_K_MAX_ROWS = 64
 MAX_SPLIT_K = 16
+# Up to this many rows the GEMV kernel (no tensor cores) runs; from DEQUANT_MIN_ROWS on, the
+# weight is dequantized into a scratch buffer once and the product goes to cuBLAS.
+GEMV_MAX_ROWS = 1
+DEQUANT_MIN_ROWS = 32
+UNPACKINGS = ("gather", "reshape", "nibble")
+
+# float32 2**23: OR-ing a small non-negative integer q into its bit pattern gives the float
+# 2**23 + q exactly, so q - z = bits_as_float(q | MAGIC_BITS) - (2**23 + z) costs an OR and a
+# subtraction, not an integer-to-float conversion (a quarter-rate instruction on recent GPUs).
+MAGIC_BITS: tl.constexpr = tl.constexpr(0x4B000000)
+MAGIC_F32: tl.constexpr = tl.constexpr(8388608.0)
+
+
+@triton.jit
+def _tile_scale_zero(s_ptr, qz_ptr, g, offs_n, z_cols, z_shift, n_mask, stride_sg, stride_zg, MASK: tl.constexpr):
+    """Group g's scales [BLOCK_N] (float32) and 2**23 + zeros [BLOCK_N] (see MAGIC_BITS)."""
+    s = tl.load(s_ptr + g * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    zp = tl.load(qz_ptr + g * stride_zg + z_cols, mask=n_mask, other=0)
+    return s, ((zp >> z_shift) & MASK).to(tl.float32) + MAGIC_F32
+
+
+@triton.jit
+def _row_scale_zero(s_ptr, qz_ptr, g, offs_n, z_cols, z_shift, kn_mask, stride_sg, stride_zg, MASK: tl.constexpr):
+    """The same per weight row: g [rows] -> scales and 2**23 + zeros, each [rows, BLOCK_N]."""
+    g_rows = g.to(tl.int64)[:, None]
+    s = tl.load(s_ptr + g_rows * stride_sg + offs_n[None, :], mask=kn_mask, other=0.0).to(tl.float32)
+    zp = tl.load(qz_ptr + g_rows * stride_zg + z_cols[None, :], mask=kn_mask, other=0)
+    return s, ((zp >> z_shift[None, :]) & MASK).to(tl.float32) + MAGIC_F32
+
+
+@triton.jit
+def _store_result(acc, out_ptr, part_ptr, lock_ptr, offs_m, offs_n, mask, M, N, stride_om, tile, pid_k,
+                  num_splits, SPLIT_K: tl.constexpr):
+    """Write one output tile. With split-K, each slice stores its float32 partial; the slice that
+    finishes last (a per-tile counter) adds all partials in slice order (deterministic), writes
+    the output and resets the counter for the next call: one kernel, no separate reduction."""
+    out = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    if not SPLIT_K:
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        mn = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+        size = M.to(tl.int64) * N
+        tl.store(part_ptr + pid_k * size + mn, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial is written before the counter moves
+        done = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
+        if done == num_splits - 1:
+            total = tl.zeros(acc.shape, dtype=tl.float32)
+            for s in range(num_splits):
+                total += tl.load(part_ptr + s * size + mn, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(out, total.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(lock_ptr + tile, 0)
 
 
 @triton.jit(do_not_specialize=["M"])
-def _gptq_matmul_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, perm_ptr, out_ptr,
+def _gptq_matmul_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, perm_ptr, out_ptr, part_ptr, lock_ptr,
                         M, N, K, group_size, k_per_split,
-                        stride_xm, stride_qk, stride_zg, stride_sg, stride_os, stride_om,
+                        stride_xm, stride_qk, stride_zg, stride_sg, stride_om,
                         BITS: tl.constexpr, GROUP_MODE: tl.constexpr, HAS_PERM: tl.constexpr,
-                        UNPACK_RESHAPE: tl.constexpr, DOT_PREC: tl.constexpr,
+                        UNPACK: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT_K: tl.constexpr,  # split > 1?
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Tensor-core tiles: [BLOCK_M, BLOCK_K] of x times the dequantized [BLOCK_K, BLOCK_N]."""
     PACK: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
+    BLOCK_KP: tl.constexpr = BLOCK_K // PACK
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -85,75 +149,195 @@ def _gptq_matmul_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, perm_ptr, out_ptr,
     k_end = tl.minimum(K, k_start + k_per_split)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < k_end
-        if HAS_PERM:
-            x_cols = tl.load(perm_ptr + offs_k, mask=k_mask, other=0)
-        else:
-            x_cols = offs_k
-        x = tl.load(x_rows + x_cols[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-
-        # the tile's integer weights W_q [BLOCK_K, BLOCK_N]
-        if UNPACK_RESHAPE:
-            # each packed int32 loaded once, then spread over its PACK rows
-            offs_kp = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
+        if UNPACK == 2:
+            # nibble j of packed row r is weight row r * PACK + j: PACK dots of BLOCK_KP rows,
+            # each against the x columns of those rows (no reshape of the unpacked tile)
+            offs_kp = k0 // PACK + tl.arange(0, BLOCK_KP)
+            kp_mask = offs_kp < k_end // PACK
             packed = tl.load(qw_ptr + offs_kp.to(tl.int64)[:, None] * stride_qk + offs_n[None, :],
-                             mask=(offs_kp < k_end // PACK)[:, None] & n_mask[None, :], other=0)
-            shifts = tl.arange(0, PACK) * BITS
-            q = (packed[:, None, :] >> shifts[None, :, None]) & MASK
-            q = tl.reshape(q, (BLOCK_K, BLOCK_N))
+                             mask=kp_mask[:, None] & n_mask[None, :], other=0)
+            if GROUP_MODE == 0:
+                s, zf = _tile_scale_zero(s_ptr, qz_ptr, k0 // group_size, offs_n, z_cols, z_shift, n_mask,
+                                         stride_sg, stride_zg, MASK)
+                tile = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for j in tl.static_range(PACK):
+                rows = offs_kp * PACK + j
+                if HAS_PERM:
+                    cols = tl.load(perm_ptr + rows, mask=kp_mask, other=0)
+                else:
+                    cols = rows
+                xj = tl.load(x_rows + cols[None, :], mask=m_mask[:, None] & kp_mask[None, :], other=0.0)
+                qf = (((packed >> (j * BITS)) & MASK) | MAGIC_BITS).to(tl.float32, bitcast=True)
+                if GROUP_MODE == 0:
+                    w = (qf - zf[None, :]).to(xj.dtype)  # small integers: exact in fp16 / bf16
+                    tile = tl.dot(xj, w, tile, input_precision=DOT_PREC)
+                else:
+                    if GROUP_MODE == 1:
+                        gr = rows // group_size
+                    else:
+                        gr = tl.load(g_ptr + rows, mask=kp_mask, other=0)
+                    s, zf = _row_scale_zero(s_ptr, qz_ptr, gr, offs_n, z_cols, z_shift,
+                                            kp_mask[:, None] & n_mask[None, :], stride_sg, stride_zg, MASK)
+                    w = ((qf - zf) * s).to(xj.dtype)
+                    acc = tl.dot(xj, w, acc, input_precision=DOT_PREC)
+            if GROUP_MODE == 0:
+                acc += tile * s[None, :]
         else:
-            # row k reads int32 row k // PACK (the PACK rows sharing it hit the same cache line)
-            packed = tl.load(qw_ptr + (offs_k // PACK).to(tl.int64)[:, None] * stride_qk + offs_n[None, :],
-                             mask=k_mask[:, None] & n_mask[None, :], other=0)
-            q = (packed >> ((offs_k % PACK) * BITS)[:, None]) & MASK
-
-        if GROUP_MODE == 0:
-            g = k0 // group_size
-            s = tl.load(s_ptr + g * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            zp = tl.load(qz_ptr + g * stride_zg + z_cols, mask=n_mask, other=0)
-            z = (zp >> z_shift) & MASK
-            w = (q - z[None, :]).to(x.dtype)  # small integers: exact in fp16 / bf16
-            acc += tl.dot(x, w, input_precision=DOT_PREC) * s[None, :]
-        else:
-            if GROUP_MODE == 1:
-                g = offs_k // group_size
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < k_end
+            if HAS_PERM:
+                x_cols = tl.load(perm_ptr + offs_k, mask=k_mask, other=0)
             else:
-                g = tl.load(g_ptr + offs_k, mask=k_mask, other=0)
-            kn_mask = k_mask[:, None] & n_mask[None, :]
-            g_rows = g.to(tl.int64)[:, None]
-            s = tl.load(s_ptr + g_rows * stride_sg + offs_n[None, :], mask=kn_mask, other=0.0).to(tl.float32)
-            zp = tl.load(qz_ptr + g_rows * stride_zg + z_cols[None, :], mask=kn_mask, other=0)
-            z = (zp >> z_shift[None, :]) & MASK
-            w = ((q - z).to(tl.float32) * s).to(x.dtype)
-            acc = tl.dot(x, w, acc, input_precision=DOT_PREC)
+                x_cols = offs_k
+            x = tl.load(x_rows + x_cols[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            # the tile's integer weights W_q [BLOCK_K, BLOCK_N]
+            if UNPACK == 1:
+                # each packed int32 loaded once, then spread over its PACK rows
+                offs_kp = k0 // PACK + tl.arange(0, BLOCK_KP)
+                packed = tl.load(qw_ptr + offs_kp.to(tl.int64)[:, None] * stride_qk + offs_n[None, :],
+                                 mask=(offs_kp < k_end // PACK)[:, None] & n_mask[None, :], other=0)
+                shifts = tl.arange(0, PACK) * BITS
+                q = (packed[:, None, :] >> shifts[None, :, None]) & MASK
+                q = tl.reshape(q, (BLOCK_K, BLOCK_N))
+            else:
+                # row k reads int32 row k // PACK (the PACK rows sharing it hit the same cache line)
+                packed = tl.load(qw_ptr + (offs_k // PACK).to(tl.int64)[:, None] * stride_qk + offs_n[None, :],
+                                 mask=k_mask[:, None] & n_mask[None, :], other=0)
+                q = (packed >> ((offs_k % PACK) * BITS)[:, None]) & MASK
+            qf = (q | MAGIC_BITS).to(tl.float32, bitcast=True)
+            if GROUP_MODE == 0:
+                s, zf = _tile_scale_zero(s_ptr, qz_ptr, k0 // group_size, offs_n, z_cols, z_shift, n_mask,
+                                         stride_sg, stride_zg, MASK)
+                w = (qf - zf[None, :]).to(x.dtype)
+                acc += tl.dot(x, w, input_precision=DOT_PREC) * s[None, :]
+            else:
+                if GROUP_MODE == 1:
+                    g = offs_k // group_size
+                else:
+                    g = tl.load(g_ptr + offs_k, mask=k_mask, other=0)
+                s, zf = _row_scale_zero(s_ptr, qz_ptr, g, offs_n, z_cols, z_shift, k_mask[:, None] & n_mask[None, :],
+                                        stride_sg, stride_zg, MASK)
+                w = ((qf - zf) * s).to(x.dtype)
+                acc = tl.dot(x, w, acc, input_precision=DOT_PREC)
 
-    out = out_ptr + pid_k.to(tl.int64) * stride_os + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    _store_result(acc, out_ptr, part_ptr, lock_ptr, offs_m, offs_n, m_mask[:, None] & n_mask[None, :],
+                  M, N, stride_om, pid_m * tl.num_programs(0) + pid_n, pid_k, tl.num_programs(2), SPLIT_K)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _gptq_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, perm_ptr, out_ptr, part_ptr, lock_ptr,
+                      M, N, K, group_size, k_per_split,
+                      stride_xm, stride_qk, stride_zg, stride_sg, stride_om,
+                      BITS: tl.constexpr, HAS_PERM: tl.constexpr, SCALE_EACH: tl.constexpr,
+                      SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+    """A few rows (decode at small batch), on the CUDA cores: each packed [BLOCK_KP, BLOCK_N] tile
+    is loaded once and its PACK bit fields are multiplied by the matching x columns as they come
+    out, accumulated in a [BLOCK_M, BLOCK_KP, BLOCK_N] float32 block. Every K tile lies in one
+    group (the launcher checks), so its scale multiplies the tile's reduced sum (or, SCALE_EACH,
+    every weight: one reduction at the end instead of one per tile)."""
+    PACK: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    BLOCK_KP: tl.constexpr = BLOCK_K // PACK
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(2)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    z_cols = offs_n // PACK
+    z_shift = (offs_n % PACK) * BITS
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(K, k_start + k_per_split)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_M, BLOCK_KP, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_kp = k0 // PACK + tl.arange(0, BLOCK_KP)
+        kp_mask = offs_kp < k_end // PACK
+        packed = tl.load(qw_ptr + offs_kp.to(tl.int64)[:, None] * stride_qk + offs_n[None, :],
+                         mask=kp_mask[:, None] & n_mask[None, :], other=0)
+        s, zf = _tile_scale_zero(s_ptr, qz_ptr, k0 // group_size, offs_n, z_cols, z_shift, n_mask,
+                                 stride_sg, stride_zg, MASK)
+        if not SCALE_EACH:
+            part = tl.zeros((BLOCK_M, BLOCK_KP, BLOCK_N), dtype=tl.float32)
+        for j in tl.static_range(PACK):
+            rows = offs_kp * PACK + j
+            if HAS_PERM:
+                cols = tl.load(perm_ptr + rows, mask=kp_mask, other=0)
+            else:
+                cols = rows
+            xj = tl.load(x_rows + cols[None, :], mask=m_mask[:, None] & kp_mask[None, :], other=0.0).to(tl.float32)
+            w = (((packed >> (j * BITS)) & MASK) | MAGIC_BITS).to(tl.float32, bitcast=True) - zf[None, :]
+            if SCALE_EACH:
+                acc3 += xj[:, :, None] * (w * s[None, :])[None, :, :]
+            else:
+                part += xj[:, :, None] * w[None, :, :]
+        if not SCALE_EACH:
+            acc += tl.sum(part, axis=1) * s[None, :]
+    if SCALE_EACH:
+        acc = tl.sum(acc3, axis=1)
+    _store_result(acc, out_ptr, part_ptr, lock_ptr, offs_m, offs_n, m_mask[:, None] & n_mask[None, :],
+                  M, N, stride_om, pid_n, pid_k, tl.num_programs(2), SPLIT_K)
+
+
+@triton.jit
+def _gptq_dequant_kernel(qw_ptr, qz_ptr, s_ptr, g_ptr, w_ptr, N, K, group_size,
+                         stride_qk, stride_zg, stride_sg, stride_wk,
+                         BITS: tl.constexpr, HAS_G_IDX: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr):
+    """W [K, N] in w's dtype = scales * (W_q - z), one packed [BLOCK_KP, BLOCK_N] tile a program."""
+    PACK: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    offs_kp = tl.program_id(0) * BLOCK_KP + tl.arange(0, BLOCK_KP)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    kn_mask = (offs_kp < K // PACK)[:, None] & (offs_n < N)[None, :]
+    z_cols = offs_n // PACK
+    z_shift = (offs_n % PACK) * BITS
+    packed = tl.load(qw_ptr + offs_kp.to(tl.int64)[:, None] * stride_qk + offs_n[None, :], mask=kn_mask, other=0)
+    for j in tl.static_range(PACK):
+        rows = offs_kp * PACK + j
+        if HAS_G_IDX:
+            g = tl.load(g_ptr + rows, mask=offs_kp < K // PACK, other=0)
+        else:
+            g = rows // group_size
+        s, zf = _row_scale_zero(s_ptr, qz_ptr, g, offs_n, z_cols, z_shift, kn_mask, stride_sg, stride_zg, MASK)
+        qf = (((packed >> (j * BITS)) & MASK) | MAGIC_BITS).to(tl.float32, bitcast=True)
+        w = (qf - zf) * s
+        tl.store(w_ptr + rows.to(tl.int64)[:, None] * stride_wk + offs_n[None, :],
+                 w.to(w_ptr.dtype.element_ty), mask=kn_mask)
 
 
 @dataclasses.dataclass(frozen=True)
 class GPTQKernelConfig:
-    """Compile-time tile sizes and launch options of one gptq_matmul call."""
+    """Compile-time tile sizes and launch options of one gptq_matmul call. kind: "dot" (tensor
+    cores), "gemv" (CUDA cores, a few rows; block_m then covers all of them) or "dequant"
+    (dequantize, then cuBLAS). unpack (dot only): how a packed tile becomes weight rows, one of
+    UNPACKINGS. scale_each (gemv only): scale every weight instead of every tile's sum."""
     block_m: int
     block_n: int
     block_k: int
     num_warps: int = 4
     num_stages: int = 3
-    unpack_reshape: bool = True
+    unpack: str = "nibble"
+    kind: str = "dot"
+    scale_each: bool = False
 
 
 def default_config(m: int, n: int, k: int) -> GPTQKernelConfig:
-    """Tiles by buckets of M (so that the compiled kernel does not change with every M). Starting
-    points, not yet tuned on a GPU: narrow tiles with deep K steps for decode (memory bound: many
-    programs, split-K adds more), square tiles for prefill (compute bound)."""
+    """Tiles by buckets of M (so that the compiled kernel does not change with every M), from a
+    sweep on an H200 at Qwen3-8B's projections (benchmarks/bench_gptq_gemm.py --sweep): the GEMV
+    kernel for one row (the dot tiles were no faster there, and the GEMV kernel's cost grows with
+    every extra row), tensor-core tiles up to 16 rows, and dequantize-then-cuBLAS from
+    DEQUANT_MIN_ROWS rows on (it beat every fused tile at 256 and 512 rows by 1.7-1.9x)."""
+    if m <= GEMV_MAX_ROWS:
+        return GPTQKernelConfig(GEMV_MAX_ROWS, 256, 64, num_warps=4, num_stages=2, kind="gemv")
     if m <= 16:
-        return GPTQKernelConfig(16, 64, 128, num_warps=4, num_stages=4)
-    if m <= 32:
-        return GPTQKernelConfig(32, 64, 128, num_warps=4, num_stages=4)
-    if m <= 64:
-        return GPTQKernelConfig(64, 64, 64, num_warps=4, num_stages=4)
-    return GPTQKernelConfig(128, 128, 64, num_warps=8, num_stages=3)
+        return GPTQKernelConfig(16, 128, 256, num_warps=4, num_stages=3)
+    if m < DEQUANT_MIN_ROWS:
+        return GPTQKernelConfig(32, 128, 256, num_warps=4, num_stages=3)
+    return GPTQKernelConfig(0, 64, 128, kind="dequant")
 
 
 @functools.lru_cache(maxsize=None)
@@ -161,6 +345,29 @@ def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 132  # an H100/H200; only shapes the split on machines without CUDA (the interpreter)
+
+
+_locks: dict[torch.device, torch.Tensor] = {}
+_scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+MAX_SPLIT_TILES = 1 << 16
+
+
+def _lock_buffer(device: torch.device) -> torch.Tensor:
+    """Per-tile counters of the split-K reduction: zero between calls (the last slice of a tile
+    resets its counter), allocated once per device."""
+    if device not in _locks:
+        _locks[device] = torch.zeros(MAX_SPLIT_TILES, dtype=torch.int32, device=device)
+    return _locks[device]
+
+
+def _dequant_scratch(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
+    """One buffer per device and dtype for the dequantized weight of the largest layer seen
+    (layers run one after another on one stream, so they share it)."""
+    key = (device, dtype)
+    buf = _scratch.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = _scratch[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buf
 
 
 def _next_pow2(v: int) -> int:
@@ -174,17 +381,19 @@ def _effective_group_size(group_size: int | None, k: int) -> int:
     return group_size
 
 
-def _choose_block_k(block_k: int, k: int, pack: int, group_size: int, has_g_idx: bool) -> tuple[int, int]:
-    """(BLOCK_K, GROUP_MODE). BLOCK_K is a power of two >= 16 (tl.dot) and a multiple of the
-    packing factor, no wider than K needs; halved until it divides the group size when that
-    gives the per-tile-constant group path."""
-    bk = max(16, pack, min(block_k, _next_pow2(k)))
+def _choose_block_k(block_k: int, k: int, pack: int, group_size: int, has_g_idx: bool,
+                    min_rows: int = 16) -> tuple[int, int]:
+    """(BLOCK_K, GROUP_MODE). BLOCK_K is a power of two of at least min_rows rows and one packed
+    row, no wider than K needs; halved until it divides the group size when that gives the
+    per-tile-constant group path."""
+    floor = max(min_rows, pack)
+    bk = max(floor, min(block_k, _next_pow2(k)))
     if has_g_idx:
         return bk, 2
     if group_size >= k:
         return bk, 0
     b = bk
-    while b >= max(16, pack):
+    while b >= floor:
         if group_size % b == 0:
             return b, 0
         b //= 2
@@ -209,7 +418,7 @@ def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
     """x [..., K] (fp16 / bf16 / fp32) @ the GPTQ weight [K, N] -> [..., N] in x's dtype,
     accumulated in float32. split_k: the number of K slices (None: enough to fill the GPU when
     there are few output tiles; 1: off). perm (from gptq_prepare): weight row k meets x's column
-    perm[k]. config overrides the tile sizes (tuning)."""
+    perm[k]. config overrides the kernel choice and tile sizes (tuning)."""
     assert bits in SUPPORTED_BITS, f"bits must be one of {SUPPORTED_BITS}, got {bits}"
     pack = 32 // bits
     shape = x.shape
@@ -240,25 +449,64 @@ def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
         return out.zero_().view(*shape[:-1], n)
 
     cfg = config or default_config(m, n, k)
-    block_k, group_mode = _choose_block_k(cfg.block_k, k, pack, gs, g_idx is not None)
-    tiles_n, tiles_m = triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m)
+    assert cfg.kind in ("dot", "gemv", "dequant"), f"unknown kernel kind {cfg.kind!r}"
+    assert cfg.unpack in UNPACKINGS, f"unpack must be one of {UNPACKINGS}, got {cfg.unpack!r}"
+    if cfg.kind == "dequant":
+        w = _dequant_scratch(x.device, x.dtype, k * n)[:k * n].view(k, n)
+        _dequantize_into(w, qweight, qzeros, scales, g_idx, bits, gs, cfg)
+        xs = x2 if perm is None else x2[:, perm.long()]
+        torch.matmul(xs, w, out=out)
+        return out.view(*shape[:-1], n)
+
+    gemv = cfg.kind == "gemv" and m <= cfg.block_m and g_idx is None
+    if gemv:
+        block_k, group_mode = _choose_block_k(cfg.block_k, k, pack, gs, False, min_rows=pack)
+        gemv = group_mode == 0  # every K tile inside one group
+    if gemv:
+        block_m, unpack = _next_pow2(m), 2  # a compile per row count up to block_m: no wasted rows
+    else:
+        unpack = UNPACKINGS.index(cfg.unpack if cfg.kind == "dot" else "nibble")
+        block_m = max(16, cfg.block_m)
+        # nibble unpacking dots BLOCK_K // pack rows at a time: at least 16 (tl.dot's minimum)
+        block_k, group_mode = _choose_block_k(cfg.block_k, k, pack, gs, g_idx is not None,
+                                              min_rows=16 * pack if unpack == 2 else 16)
+    tiles_n, tiles_m = triton.cdiv(n, cfg.block_n), (1 if gemv else triton.cdiv(m, block_m))
     k_tiles = triton.cdiv(k, block_k)
     split = _choose_split_k(split_k, m, tiles_n * tiles_m, k_tiles, x.device)
+    if tiles_n * tiles_m > MAX_SPLIT_TILES:
+        split = 1
     tiles_per_split = triton.cdiv(k_tiles, split)
     split = triton.cdiv(k_tiles, tiles_per_split)  # no empty slices
-    dest = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
-    _gptq_matmul_kernel[(tiles_n, tiles_m, split)](
-        x2, qweight, qzeros, scales, qweight if g_idx is None else g_idx, qweight if perm is None else perm, dest,
-        m, n, k, gs, tiles_per_split * block_k,
-        x2.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0),
-        dest.stride(0) if split > 1 else 0, dest.stride(-2),
-        BITS=bits, GROUP_MODE=group_mode, HAS_PERM=perm is not None, UNPACK_RESHAPE=cfg.unpack_reshape,
-        DOT_PREC="ieee" if x.dtype == torch.float32 else None,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if split > 1:
-        out.copy_(dest.sum(dim=0))
+    part = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+    locks = out if split == 1 else _lock_buffer(x.device)
+    common = dict(BITS=bits, HAS_PERM=perm is not None, SPLIT_K=split > 1, BLOCK_M=block_m,
+                  BLOCK_N=cfg.block_n, BLOCK_K=block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    perm_arg = qweight if perm is None else perm
+    if gemv:
+        _gptq_gemv_kernel[(tiles_n, 1, split)](
+            x2, qweight, qzeros, scales, perm_arg, out, part, locks,
+            m, n, k, gs, tiles_per_split * block_k,
+            x2.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0), out.stride(0),
+            SCALE_EACH=cfg.scale_each, **common)
+    else:
+        _gptq_matmul_kernel[(tiles_n, tiles_m, split)](
+            x2, qweight, qzeros, scales, qweight if g_idx is None else g_idx, perm_arg, out, part, locks,
+            m, n, k, gs, tiles_per_split * block_k,
+            x2.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0), out.stride(0),
+            GROUP_MODE=group_mode, UNPACK=unpack,
+            DOT_PREC="ieee" if x.dtype == torch.float32 else None, **common)
     return out.view(*shape[:-1], n)
+
+
+def _dequantize_into(w: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                     g_idx: torch.Tensor | None, bits: int, group_size: int, cfg: GPTQKernelConfig) -> None:
+    k, n = w.shape
+    block_kp = max(1, cfg.block_k // (32 // bits))
+    grid = (triton.cdiv(k // (32 // bits), block_kp), triton.cdiv(n, cfg.block_n))
+    _gptq_dequant_kernel[grid](qweight, qzeros, scales, qweight if g_idx is None else g_idx, w, n, k, group_size,
+                               qweight.stride(0), qzeros.stride(0), scales.stride(0), w.stride(0),
+                               BITS=bits, HAS_G_IDX=g_idx is not None, BLOCK_N=cfg.block_n,
+                               BLOCK_KP=block_kp, num_warps=cfg.num_warps)
 
 
 # --- reference and re-layout ---------------------------------------------------------------------
