@@ -87,7 +87,7 @@ def assert_idle(llm_or_engine) -> None:
 @contextlib.contextmanager
 def recording_graph_replays(llm_or_engine):
     """Record every CUDA-graph replay of the runner: yields a list that gets, per replay, a dict
-    with the graph's key (pure decode?, padded size), the request rows the graph saw
+    with the graph's key (pure decode?, padded size, padded request count, longest context), the request rows the graph saw
     (query_start_loc, seq_lens as host lists) and whether its whole hidden-state output is finite."""
     import torch
 
@@ -100,8 +100,7 @@ def recording_graph_replays(llm_or_engine):
             self.key, self.graph = key, graph
 
         def replay(self):
-            decode, size = self.key
-            num_reqs = size if decode else runner.mixed_graph_reqs
+            decode, size, num_reqs, _ = self.key
             qsl = runner.query_start_loc[:num_reqs + 1].tolist()
             seq_lens = runner.seq_lens[:num_reqs].tolist()
             self.graph.replay()

@@ -35,9 +35,11 @@ from folovllm.worker.input_batch import InputBatch, StepInputs
 
 
 
-# Prefill and mixed steps up to this many tokens and requests replay graphs too: eager, their
-# ~310 kernel launches cost several milliseconds of Python (most of a short prompt's TTFT).
-MIXED_GRAPH_TOKENS = [16, 32, 64, 128, 256, 512, 1024]
+# Prefill and mixed steps replay graphs too, by padded token count up to the step budget and by
+# request count in two tiers (a few requests, or up to max_num_seqs: a chunk next to a full batch
+# of decodes): eager, their ~310 kernel launches cost several milliseconds of Python (most of a
+# short prompt's TTFT, and most of a mixed step's time next to running decodes).
+MIXED_GRAPH_TOKENS = [16, 32, 64, 128, 256, 512, 1024, 1536, 2048, 3072, 4096, 6144, 8192]
 MIXED_GRAPH_MAX_REQS = 16
 
 
@@ -63,9 +65,9 @@ class ModelRunner:
         self.attn_layers = [m for m in model.modules() if isinstance(m, Attention)]
         self.use_cuda_graph = not config.enforce_eager and device.type == "cuda" and all(
             getattr(layer.impl, "supports_cuda_graph", False) for layer in self.attn_layers)
-        # (pure decode?, padded token count) -> graph
-        self.graphs: dict[tuple[bool, int], torch.cuda.CUDAGraph] = {}
-        self.mixed_graph_reqs = min(MIXED_GRAPH_MAX_REQS, max_num_reqs)
+        # (pure decode?, padded token count, padded request count, longest context served) -> graph
+        self.graphs: dict[tuple[bool, int, int, int], torch.cuda.CUDAGraph] = {}
+        self.mixed_graph_reqs = sorted({min(MIXED_GRAPH_MAX_REQS, max_num_reqs), max_num_reqs})
         self.graph_hidden: torch.Tensor | None = None
 
         # Persistent device buffers: a captured graph reads exactly these addresses. Pinned host
@@ -136,15 +138,17 @@ class ModelRunner:
 
     # ---- inputs ------------------------------------------------------------------------
 
-    def _graph_key(self, step: StepInputs, num_tokens: int) -> tuple[bool, int] | None:
-        """The captured graph a step replays, if any: pure-decode steps by batch size, other
-        steps of few requests by token count."""
+    def _graph_key(self, step: StepInputs, num_tokens: int) -> tuple[bool, int, int, int] | None:
+        """The captured graph a step replays, if any: pure-decode steps by batch size (and by the
+        longest context, where the attention backend launches differently for long ones), other
+        steps by token count and request tier."""
         if not self.graphs:
             return None
         decode = step.max_query_len == 1
-        if not decode and len(step.seq_lens) > self.mixed_graph_reqs:
-            return None
-        return next((k for k in self._graph_keys if k[0] == decode and k[1] >= num_tokens), None)
+        r = len(step.seq_lens)
+        longest = int(step.seq_lens.max()) if r else 0
+        return next((key for key in self._graph_keys
+                     if key[0] == decode and key[1] >= num_tokens and key[2] >= r and key[3] >= longest), None)
 
     def _copy_inputs(self, step: StepInputs, graph_key: tuple[bool, int] | None) -> AttentionMetadata:
         """Stage the step's inputs in the pinned buffers and copy them to the device. A step that
@@ -161,7 +165,7 @@ class ModelRunner:
         self._block_table_np[:r, :mb] = step.block_table
         padded, num_reqs = t, r
         if graph_key is not None:
-            decode, padded = graph_key
+            decode, padded, graph_reqs, _ = graph_key
             self._input_ids_np[t:padded] = 0
             self._positions_np[t:padded] = 0
             self._slots_np[t:padded] = -1
@@ -170,7 +174,7 @@ class ModelRunner:
                 self._qsl_np[r + 1:num_reqs + 1] = np.arange(t + 1, padded + 1)
                 self._seq_lens_np[r:num_reqs] = 1
             else:
-                num_reqs = self.mixed_graph_reqs
+                num_reqs = graph_reqs
                 self._qsl_np[r + 1:num_reqs + 1] = t
                 self._seq_lens_np[r:num_reqs] = 0
         if self.device.type != "cpu":
@@ -333,33 +337,39 @@ class ModelRunner:
     @torch.inference_mode()
     def capture_cuda_graphs(self, batch_sizes: list[int]) -> float:
         """Capture the model's forward for pure-decode batches of each size, and for prefill or
-        mixed steps of up to MIXED_GRAPH_MAX_REQS requests by padded token count. Returns the
-        seconds spent."""
+        mixed steps by padded token count (up to the step's token budget) in each request tier.
+        Returns the seconds spent."""
         if not self.use_cuda_graph:
             return 0.0
         t0 = time.perf_counter()
         limit = min(self.max_num_tokens, self.input_batch.max_model_len)
-        keys = [(True, s) for s in batch_sizes if s <= min(self.max_num_reqs, self.max_num_tokens)]
-        keys += [(False, s) for s in MIXED_GRAPH_TOKENS if s <= limit]
-        keys.sort(key=lambda k: k[1], reverse=True)  # largest first: later graphs reuse its memory
+        max_len = self.input_batch.max_model_len
+        impl = self.attn_layers[0].impl
+        keys = [(True, s, s, bound) for s in batch_sizes if s <= min(self.max_num_reqs, self.max_num_tokens)
+                for bound in impl.decode_graph_bounds(s, max_len, self.device)]
+        mixed = [s for s in MIXED_GRAPH_TOKENS if s < limit] + [limit]
+        keys += [(False, s, r, max_len) for s in mixed for r in self.mixed_graph_reqs]
+        keys.sort(key=lambda k: k[1:], reverse=True)  # largest first: later graphs reuse its memory
         pool = torch.cuda.graph_pool_handle()
         self.input_ids.zero_()
         self.positions.zero_()
         self.slot_mapping.fill_(-1)  # capture writes nothing to the cache
         self.block_table.zero_()
-        for decode, size in keys:
+        for decode, size, num_reqs, bound in keys:
             if decode:  # `size` requests of one query row and a one-token context each
-                num_reqs, max_q = size, 1
+                max_q = 1
                 self.query_start_loc.copy_(torch.arange(self.max_num_reqs + 1, dtype=torch.int32,
                                                         device=self.device))
                 self.seq_lens.fill_(1)
+                # the graph serves contexts up to `bound`: attention picks its launch for that
+                max_seq = bound
             else:  # one request holding all rows; the others empty
-                num_reqs, max_q = self.mixed_graph_reqs, size
+                max_q = max_seq = size
                 self.query_start_loc.fill_(size)
                 self.query_start_loc[0] = 0
                 self.seq_lens.zero_()
                 self.seq_lens[0] = size
-            md = self._metadata(num_reqs, size, size, max_q, max_q)
+            md = self._metadata(num_reqs, size, size, max_q, max_seq)
             out = self.model(self.input_ids[:size], self.positions[:size], md)  # compile and warm up
             if self.graph_hidden is None:
                 # Every graph writes its hidden states here, so a replay's result has a fixed home.
@@ -369,8 +379,8 @@ class ModelRunner:
             with torch.cuda.graph(graph, pool=pool):
                 out = self.model(self.input_ids[:size], self.positions[:size], md)
                 self.graph_hidden[:size].copy_(out)
-            self.graphs[(decode, size)] = graph
-        self._graph_keys = sorted(self.graphs, key=lambda k: k[1])
+            self.graphs[(decode, size, num_reqs, bound)] = graph
+        self._graph_keys = sorted(self.graphs, key=lambda k: k[1:])
         torch.cuda.synchronize()
         return time.perf_counter() - t0
 

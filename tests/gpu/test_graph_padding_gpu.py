@@ -44,7 +44,7 @@ def engines(tiny_models):
     path = tiny_models["qwen3"][0]
     graphs, eager = make(path, False), make(path, True)
     captured = runner_of(graphs).graphs
-    assert {s for decode, s in captured if decode} == {1, 2, 4, 8}, sorted(captured)
+    assert {s for decode, s, *_ in captured if decode} == {1, 2, 4, 8}, sorted(captured)
     assert not runner_of(eager).graphs
     return graphs, eager
 
@@ -56,7 +56,7 @@ def prompts(n: int) -> list[dict]:
 
 
 def check_replay(r: dict) -> None:
-    decode, size = r["key"]
+    decode, size, *_ = r["key"]
     qsl, seq_lens = r["query_start_loc"], r["seq_lens"]
     assert r["finite"], f"NaN or inf in the padded graph output of {r['key']}"
     q_lens = [b - a for a, b in zip(qsl, qsl[1:])]
@@ -76,7 +76,7 @@ def test_padded_decode_graphs_match_eager(engines, batch):
         got = graphs.generate(prompts(batch), params, use_tqdm=False)
     want = eager.generate(prompts(batch), params, use_tqdm=False)
 
-    padded_decodes = [r for r in replays if r["key"] == (True, PADDED[batch])]
+    padded_decodes = [r for r in replays if r["key"][:2] == (True, PADDED[batch])]
     # All requests prefill in the first step, then decode together until the last step.
     assert len(padded_decodes) >= MAX_TOKENS - 2, [r["key"] for r in replays]
     for r in replays:
@@ -85,3 +85,42 @@ def test_padded_decode_graphs_match_eager(engines, batch):
         assert g.outputs[0].token_ids == w.outputs[0].token_ids
         for tok, lg, lw in zip(g.outputs[0].token_ids, g.outputs[0].logprobs, w.outputs[0].logprobs):
             assert lg[tok] == pytest.approx(lw[tok], abs=1e-3)
+
+
+def test_long_context_decode_graphs_match_eager(tiny_models, tmp_path):
+    """A decode batch big enough for one program per (request, KV head) to fill the GPU replays
+    the plain-decode graph while every context is short, and the split-context graph once one
+    context passes DECODE_SPLIT_MIN_LEN; tokens equal the eager engine's in both."""
+    import json
+    import shutil
+
+    from folovllm.attention.ops.triton_unified_attention import DECODE_SPLIT_MIN_LEN
+
+    src = tiny_models["qwen3"][0]
+    path = tmp_path / "long"
+    shutil.copytree(src, path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["max_position_embeddings"] = 4096
+    (path / "config.json").write_text(json.dumps(cfg))
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    n = -(-2 * sms // cfg["num_key_value_heads"])  # enough requests for the plain-decode path
+    gen = torch.Generator().manual_seed(5)
+    reqs = [{"prompt_token_ids": torch.randint(3, 320, (DECODE_SPLIT_MIN_LEN - 2,), generator=gen).tolist()}]
+    reqs += [{"prompt_token_ids": torch.randint(3, 320, (8,), generator=gen).tolist()} for _ in range(n)]
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+
+    def engine(eager: bool) -> LLM:
+        return LLM(str(path), device="cuda", dtype="float32", attention_backend="triton", max_model_len=4096,
+                   num_gpu_blocks_override=2048, max_num_seqs=n + 8, enforce_eager=eager)
+
+    graphs = engine(False)
+    bounds = {k[3] for k in runner_of(graphs).graphs if k[0] and k[1] >= n + 1}
+    assert bounds == {DECODE_SPLIT_MIN_LEN, 4096}, bounds
+    with recording_graph_replays(graphs) as replays:
+        got = graphs.generate(reqs, params, use_tqdm=False)
+    used = {r["key"][3] for r in replays if r["key"][0]}
+    assert used == {DECODE_SPLIT_MIN_LEN, 4096}, used  # the long prompt crosses the bound while decoding
+    del graphs
+    want = engine(True).generate(reqs, params, use_tqdm=False)
+    for g, w in zip(got, want):
+        assert g.outputs[0].token_ids == w.outputs[0].token_ids

@@ -36,6 +36,13 @@ class AttentionImpl:
         self.scale = scale
         self.num_kv_heads = num_kv_heads
 
+    def decode_graph_bounds(self, num_reqs: int, max_model_len: int, device: torch.device) -> list[int]:
+        """The context-length bounds for which a pure-decode CUDA graph of num_reqs requests needs
+        its own capture (a backend whose launch depends on the longest context in the batch), in
+        increasing order, the last being max_model_len. The runner replays the graph of the
+        smallest bound that covers the step's longest context."""
+        return [max_model_len]
+
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: AttentionMetadata, kv_written: bool = False) -> torch.Tensor:
         """query [T, H, D], key/value [T, KVH, D], kv_cache [2, num_blocks, block_size, KVH, D]

@@ -224,9 +224,13 @@ class AttentionConfig:
 DECODE_CONFIG = AttentionConfig(block_m=16, block_n=64, num_warps=2, num_stages=3)
 PREFILL_CONFIG = AttentionConfig(block_m=64, block_n=64, num_warps=4, num_stages=2)
 MAX_SEGMENTS = 64
+# Large decode batches: contexts longer than this are split (at most DECODE_MAX_SEGMENTS ways).
+DECODE_SPLIT_MIN_LEN = 2048
+DECODE_MAX_SEGMENTS = 8
 
 _num_sms_cache: dict[int, int] = {}
 _scratch: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_outgrown: list[tuple[torch.Tensor, torch.Tensor]] = []
 
 
 def _num_sms(device: torch.device) -> int:
@@ -240,31 +244,45 @@ def _num_sms(device: torch.device) -> int:
 
 def _split_scratch(num_reqs: int, num_heads: int, num_segments: int, block_d: int,
                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Partial (acc) and (m, l) buffers, kept per shape so a captured graph reuses them. Layers
-    run one after another on one stream, so all layers share them."""
-    key = (device, num_reqs, num_heads, num_segments, block_d)
-    if key not in _scratch:
-        _scratch[key] = (
+    """Partial (acc) and (m, l) buffers, views of one allocation per (heads, segments, head size)
+    that grows to the largest batch seen, so a captured graph reuses them. Layers run one after
+    another on one stream, so all layers share them. An outgrown buffer is kept, not freed: a
+    graph captured earlier may still read it."""
+    key = (device, num_heads, num_segments, block_d)
+    bufs = _scratch.get(key)
+    if bufs is None or bufs[0].shape[0] < num_reqs:
+        if bufs is not None:
+            _outgrown.append(bufs)
+        bufs = _scratch[key] = (
             torch.empty(num_reqs, num_heads, num_segments, block_d, dtype=torch.float32, device=device),
             torch.empty(num_reqs, num_heads, num_segments, 2, dtype=torch.float32, device=device))
-    return _scratch[key]
+    return bufs[0][:num_reqs], bufs[1][:num_reqs]
 
 
 def choose_config(num_reqs: int, num_kv_heads: int, max_query_len: int,
-                  device: torch.device) -> tuple[str, AttentionConfig]:
-    """The launch path and tiles. Reads only max_query_len and shapes, so for a pure-decode batch
-    of a given size the answer is always the same (a captured CUDA graph stays valid).
+                  device: torch.device, max_seq_len: int | None = None) -> tuple[str, AttentionConfig]:
+    """The launch path and tiles. Reads only max_query_len, the shapes and max_seq_len (the
+    longest context the batch may hold: a captured graph passes max_model_len), so for a
+    pure-decode batch of a given size the answer is always the same (a captured CUDA graph stays
+    valid).
 
     A decode batch with at least two (request, KV head) programs per SM streams the cache well
-    on its own. A smaller one splits each context into the largest power of two of segments
-    (2 to MAX_SEGMENTS) that keeps programs <= 4 per SM. On an H200 (KVH = 8, contexts 1k-8k) this
-    picked the fastest of {plain, split S, split 2S} in every measured batch size but one (32
-    requests at 1k context: 4% slower than plain decode); see docs/attention.md."""
+    on its own, unless one context is much longer than the rest: one program per context would
+    leave that one running long after the others (a straggler). So when max_seq_len exceeds
+    DECODE_SPLIT_MIN_LEN, contexts are split into enough segments (up to DECODE_MAX_SEGMENTS) that
+    none is longer than about DECODE_SPLIT_MIN_LEN. A smaller batch splits each context into the
+    largest power of two of segments (2 to MAX_SEGMENTS) that keeps programs <= 4 per SM. On an
+    H200 (KVH = 8, contexts 1k-8k) this picked the fastest of {plain, split S, split 2S} in every
+    measured batch size but one (32 requests at 1k context: 4% slower than plain decode); see
+    docs/attention.md."""
     if max_query_len > 1:
         return "general", PREFILL_CONFIG
     programs, sms = num_reqs * num_kv_heads, _num_sms(device)
     if programs >= 2 * sms:
-        return "decode", DECODE_CONFIG
+        if max_seq_len is None or max_seq_len <= DECODE_SPLIT_MIN_LEN:
+            return "decode", DECODE_CONFIG
+        segments = min(DECODE_MAX_SEGMENTS, triton.next_power_of_2(triton.cdiv(max_seq_len, DECODE_SPLIT_MIN_LEN)))
+        return "split", replace(DECODE_CONFIG, num_segments=segments)
     segments = 1 << (4 * sms // programs).bit_length() - 1      # largest power of two <= 4 sms / programs
     return "split", replace(DECODE_CONFIG, num_segments=min(MAX_SEGMENTS, max(segments, 2)))
 
@@ -272,13 +290,16 @@ def choose_config(num_reqs: int, num_kv_heads: int, max_query_len: int,
 def unified_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor,
                       query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                       block_table: torch.Tensor, scale: float, max_query_len: int,
-                      path: str | None = None, config: AttentionConfig | None = None) -> torch.Tensor:
+                      path: str | None = None, config: AttentionConfig | None = None,
+                      max_seq_len: int | None = None) -> torch.Tensor:
     """out[rows of request i] = causal softmax(q k^T * scale) v over request i's paged context.
 
     query/out [T, H, D]; kv_cache [2, num_blocks, block_size, KVH, D]; query_start_loc
     [num_reqs + 1] int32; seq_lens [num_reqs] int32; block_table [num_reqs, max_blocks] int32.
     Rows past query_start_loc[-1] are not written. path/config override choose_config (for
     benchmarks and tests); path 'decode'/'split' need every request to have one query row.
+    max_seq_len: an upper bound on seq_lens (None: unknown), which lets a large decode batch
+    split long contexts (choose_config).
     """
     num_tokens, num_heads, head_dim = query.shape
     _, _, block_size, num_kv_heads, _ = kv_cache.shape
@@ -289,7 +310,8 @@ def unified_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Te
     assert query.stride(2) == 1 and out.stride(2) == 1 and kv_cache.stride(4) == 1
     g = num_heads // num_kv_heads
     if path is None or config is None:
-        chosen_path, chosen_config = choose_config(num_reqs, num_kv_heads, max_query_len, query.device)
+        chosen_path, chosen_config = choose_config(num_reqs, num_kv_heads, max_query_len, query.device,
+                                                   max_seq_len)
         if path == "split" and chosen_path != "split":   # forced split of a large batch
             chosen_config = replace(DECODE_CONFIG, num_segments=16)
         path, config = path or chosen_path, config or chosen_config
