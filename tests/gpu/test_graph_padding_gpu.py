@@ -100,7 +100,8 @@ def test_long_context_decode_graphs_match_eager(tiny_models, tmp_path):
     path = tmp_path / "long"
     shutil.copytree(src, path)
     cfg = json.loads((path / "config.json").read_text())
-    cfg["max_position_embeddings"] = 4096
+    max_len = 2 * DECODE_SPLIT_MIN_LEN
+    cfg["max_position_embeddings"] = max_len
     (path / "config.json").write_text(json.dumps(cfg))
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     n = -(-2 * sms // cfg["num_key_value_heads"])  # enough requests for the plain-decode path
@@ -110,16 +111,16 @@ def test_long_context_decode_graphs_match_eager(tiny_models, tmp_path):
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 
     def engine(eager: bool) -> LLM:
-        return LLM(str(path), device="cuda", dtype="float32", attention_backend="triton", max_model_len=4096,
+        return LLM(str(path), device="cuda", dtype="float32", attention_backend="triton", max_model_len=max_len,
                    num_gpu_blocks_override=2048, max_num_seqs=n + 8, enforce_eager=eager)
 
     graphs = engine(False)
     bounds = {k[3] for k in runner_of(graphs).graphs if k[0] and k[1] >= n + 1}
-    assert bounds == {DECODE_SPLIT_MIN_LEN, 4096}, bounds
+    assert bounds == {DECODE_SPLIT_MIN_LEN, max_len}, bounds
     with recording_graph_replays(graphs) as replays:
         got = graphs.generate(reqs, params, use_tqdm=False)
     used = {r["key"][3] for r in replays if r["key"][0]}
-    assert used == {DECODE_SPLIT_MIN_LEN, 4096}, used  # the long prompt crosses the bound while decoding
+    assert used == {DECODE_SPLIT_MIN_LEN, max_len}, used  # the long prompt crosses the bound while decoding
     del graphs
     want = engine(True).generate(reqs, params, use_tqdm=False)
     for g, w in zip(got, want):

@@ -104,16 +104,16 @@ def test_kernels_match_reference(name):
 def test_large_decode_batch_splits_a_long_context():
     """A decode batch with enough (request, KV head) programs to fill the GPU takes the plain
     decode path, unless the longest context may exceed DECODE_SPLIT_MIN_LEN: then every context
-    is split so that one long request is not a straggler. The split batch (one 2,100-token
-    context among 33 short ones) matches the reference."""
+    is split so that one long request is not a straggler. The split batch (one context just past
+    the threshold among 33 short ones) matches the reference."""
     from folovllm.attention.ops import triton_unified_attention as ua
     cpu = torch.device("cpu")
     assert ua.choose_config(34, 8, 1, cpu)[0] == "decode"
     assert ua.choose_config(34, 8, 1, cpu, max_seq_len=ua.DECODE_SPLIT_MIN_LEN)[0] == "decode"
-    path, cfg = ua.choose_config(34, 8, 1, cpu, max_seq_len=8193)
-    assert path == "split" and cfg.num_segments == 8
+    path, cfg = ua.choose_config(34, 8, 1, cpu, max_seq_len=2 * ua.DECODE_SPLIT_MIN_LEN + 1)
+    assert path == "split" and cfg.num_segments == 4  # segments of at most about the threshold
     assert ua.choose_config(34, 8, 1, cpu, max_seq_len=40960)[1].num_segments == ua.DECODE_MAX_SEGMENTS
-    reqs = [(1, 2100)] + [(1, 3 + i) for i in range(33)]
+    reqs = [(1, ua.DECODE_SPLIT_MIN_LEN + 50)] + [(1, 3 + i) for i in range(33)]
     q, k, v, cache, md = make_case(reqs, 8, 8, 16, 16, seed=11)
     assert ua.choose_config(34, 8, 1, cpu, md.max_seq_len)[0] == "split"
     ref_cache = cache.clone()
@@ -124,7 +124,7 @@ def test_large_decode_batch_splits_a_long_context():
     # long; a small batch splits by count whatever the contexts, so one graph serves it.
     impl = TritonAttentionImpl(8, 16, 0.25, 8)
     assert impl.decode_graph_bounds(34, 10240, cpu) == [ua.DECODE_SPLIT_MIN_LEN, 10240]
-    assert impl.decode_graph_bounds(34, 2048, cpu) == [2048]
+    assert impl.decode_graph_bounds(34, ua.DECODE_SPLIT_MIN_LEN, cpu) == [ua.DECODE_SPLIT_MIN_LEN]
     assert impl.decode_graph_bounds(2, 10240, cpu) == [10240]
 
 
