@@ -373,6 +373,18 @@ def build_app(engine, served_model_name: str, api_key: str | None = None,
 
 # ---- the command --------------------------------------------------------------------------------
 
+# The server's step budget with chunked prefill when none is given (offline engines keep 8192):
+# on the chunked workload (H200, docs/chunked_prefill.md) it halved the streams' worst gap next to
+# 8k-token prompts (24 vs 52 ms) for 1.2x those prompts' first-token time, at 1.7% of throughput.
+SERVER_MAX_NUM_BATCHED_TOKENS = 2048
+
+
+def apply_server_defaults(args: argparse.Namespace) -> None:
+    """Settings whose best value differs for a server: the chunked-prefill token budget."""
+    if getattr(args, "max_num_batched_tokens", None) is None and getattr(args, "enable_chunked_prefill", True):
+        args.max_num_batched_tokens = SERVER_MAX_NUM_BATCHED_TOKENS
+
+
 def run_server(args: argparse.Namespace) -> int:
     import os
 
@@ -383,6 +395,7 @@ def run_server(args: argparse.Namespace) -> int:
 
     if getattr(args, "model_tag", None):
         args.model = args.model_tag
+    apply_server_defaults(args)
     chat_template = args.chat_template
     if chat_template and os.path.isfile(chat_template):
         with open(chat_template) as f:
