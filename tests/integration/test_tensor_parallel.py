@@ -53,14 +53,14 @@ def wait_gone(pids: list[int], timeout: float = 10.0) -> list[int]:
     return [p for p in pids if alive(p)]
 
 
-def check_against_one_rank(path, async_scheduling: bool, kv_sharded: bool) -> LLM:
+def check_against_one_rank(path, async_scheduling: bool, kv_sharded: bool, tp: int = 2) -> LLM:
     one = make(path, 1, async_scheduling=async_scheduling)
     want_greedy, want_seeded = tokens(one, GREEDY), tokens(one, SEEDED)
     whole = one.llm_engine.engine_core.executor.driver_worker.parameter_bytes()
     one.llm_engine.shutdown()
-    two = make(path, 2, async_scheduling=async_scheduling)
+    two = make(path, tp, async_scheduling=async_scheduling)
     executor = two.llm_engine.engine_core.executor
-    assert isinstance(executor, MultiprocExecutor) and len(executor.pids) == 2
+    assert isinstance(executor, MultiprocExecutor) and len(executor.pids) == tp
     assert tokens(two, GREEDY) == want_greedy
     # Every rank samples, with the same generators: a rank whose tokens drifted would feed the
     # next step's all-reduces different inputs, and rank 0's tokens would stop matching.
@@ -68,10 +68,10 @@ def check_against_one_rank(path, async_scheduling: bool, kv_sharded: bool) -> LL
     for shard in executor.parameter_bytes():
         assert shard["replicated"] == whole["replicated"]  # the norms
         if kv_sharded:
-            assert shard["sharded"] * 2 == whole["sharded"]
-        else:  # the one KV head is on both ranks: k/v rows are whole, q and the rest halved (and an
-            # odd vocabulary gives each rank ceil(V / 2) rows)
-            assert whole["sharded"] < shard["sharded"] * 2 < whole["sharded"] * 1.25
+            assert shard["sharded"] * tp == whole["sharded"]
+        else:  # fewer KV heads than ranks: each KV head's k/v rows sit whole on tp / KVH ranks, q
+            # and the rest are split tp ways (and an odd vocabulary gives each rank ceil(V / tp) rows)
+            assert whole["sharded"] < shard["sharded"] * tp < whole["sharded"] * 1.25
         assert shard["total"] == shard["sharded"] + shard["replicated"]
     return two
 
@@ -82,6 +82,15 @@ def test_qwen3_tp2_matches_tp1_and_halves_the_sharded_layers(tiny_models):
     pids = llm.llm_engine.engine_core.executor.pids
     del llm
     gc.collect()  # a deleted engine stops its workers
+    assert wait_gone(pids, 5.0) == []
+
+
+def test_qwen3_tp4_with_fewer_kv_heads_than_ranks_matches_tp1(tiny_models):
+    # 4 query heads (one per rank), 2 KV heads (each on two ranks), intermediate 128 and vocab 320
+    # split four ways.
+    llm = check_against_one_rank(tiny_models["qwen3"][0], async_scheduling=False, kv_sharded=False, tp=4)
+    pids = llm.llm_engine.engine_core.executor.pids
+    llm.llm_engine.shutdown()
     assert wait_gone(pids, 5.0) == []
 
 
