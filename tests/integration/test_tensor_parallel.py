@@ -1,5 +1,6 @@
-"""Tensor parallelism through the multi-process executor, on CPU over gloo: two worker processes
-give the same greedy (and seeded) tokens as one process, each holds half of every sharded layer,
+"""Tensor parallelism through the multi-process executor, on CPU over gloo: two (or four) worker
+processes give the same greedy (and seeded) tokens as one process, each holds its share of every
+sharded layer,
 and a worker that dies, an engine that is deleted and an engine process that dies leave no
 worker behind."""
 
