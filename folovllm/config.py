@@ -25,7 +25,18 @@ _DTYPES = {
 }
 
 LoadFormat = Literal["auto", "safetensors", "gguf", "dummy"]
+# Methods that quantize a float checkpoint after loading, for PyTorch's CPU kernels.
+CPU_QUANTIZATIONS = ("int8", "int4")
 DEFAULT_CPU_KV_CACHE_GIB = 4.0
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity), which a container or taskset may
+    make fewer than the machine's."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no sched_getaffinity (macOS, Windows)
+        return os.cpu_count() or 1
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -60,7 +71,8 @@ class ModelConfig:
     skip_tokenizer_init: bool = False
     hf_overrides: dict[str, Any] | None = None
     quantization: str | None = field(default=None, metadata=_help(
-        "quantization method (default: the checkpoint's quantization_config)"))
+        "int8 or int4 (weights kept quantized, for CPUs), none (float weights), or the checkpoint's method "
+        "(default: the checkpoint's quantization_config; a GGUF file on CPU: int8)"))
 
     # Resolved in __post_init__.
     hf_config: Any = field(init=False, repr=False, default=None)
@@ -82,7 +94,11 @@ class ModelConfig:
         from folovllm.assets import resolve_model
         from folovllm.model_executor.model_loader import load_hf_config
 
+        _check(self.quantization is None or (isinstance(self.quantization, str) and self.quantization != ""),
+               f"ModelConfig.quantization must be a method name such as 'int8', 'int4' or 'none', got "
+               f"{self.quantization!r}")
         self._asked_dtype = self.dtype  # dtype is resolved per device (EngineConfig), from this
+        self._asked_quantization = self.quantization  # so is a GGUF file's default quantization
 
         self.model = resolve_model(self.model)
         if self.tokenizer is not None:
@@ -109,6 +125,14 @@ class ModelConfig:
         if hf_quant is not None and not isinstance(hf_quant, dict):
             hf_quant = hf_quant.to_dict() if hasattr(hf_quant, "to_dict") else dict(vars(hf_quant))
         checkpoint_method = hf_quant.get("quant_method") if hf_quant else None
+        self._checkpoint_quantization = checkpoint_method
+        if self.quantization is not None and self.quantization.lower() == "none":
+            if checkpoint_method is not None:
+                raise ValueError(f"quantization='none' was asked for, but the checkpoint at {self.model} holds "
+                                 f"{checkpoint_method!r}-quantized weights, which cannot run as float ones; leave "
+                                 "quantization unset to use the checkpoint's method")
+            self.quantization = None
+            return
         if self.quantization is not None and checkpoint_method is not None \
                 and self.quantization.lower() != str(checkpoint_method).lower():
             raise ValueError(f"quantization={self.quantization!r} was asked for, but the checkpoint at "
@@ -127,16 +151,30 @@ class ModelConfig:
     def vocab_size(self) -> int:
         return self.hf_config.vocab_size
 
+    def resolve_quantization(self, device: torch.device) -> str | None:
+        """What was asked, or the checkpoint's method; with neither, a GGUF file on CPU gets int8
+        (its 4-8-bit weights would otherwise become float32, four bytes a weight read per token).
+        `quantization="none"` keeps float weights."""
+        asked = getattr(self, "_asked_quantization", self.quantization)
+        if asked is None and getattr(self, "_checkpoint_quantization", None) is None:
+            from folovllm.model_executor.model_loader import load_format_of
+            gguf_on_cpu = device.type == "cpu" and load_format_of(self) == "gguf"
+            self.quantization = "int8" if gguf_on_cpu else None
+            if gguf_on_cpu:
+                self.hf_quant_config = None
+        return self.quantization
+
     def resolve_dtype(self, device: torch.device) -> torch.dtype:
-        """'auto' is float32 on CPU (bf16 matmuls are several times slower on most CPUs) and the
-        checkpoint's dtype on a GPU (bfloat16 when the checkpoint does not say, or says float32)."""
+        """'auto' is float32 on CPU (bf16 matmuls are several times slower on most CPUs) except
+        with int8/int4 weights, whose CPU kernels are fast only with bfloat16 activations; on a GPU
+        it is the checkpoint's dtype (bfloat16 when the checkpoint does not say, or says float32)."""
         asked = getattr(self, "_asked_dtype", self.dtype)
         if isinstance(asked, torch.dtype):
             return asked
         if asked != "auto":
             return _DTYPES[asked]
         if device.type == "cpu":
-            return torch.float32
+            return torch.bfloat16 if self.quantization in CPU_QUANTIZATIONS else torch.float32
         from folovllm.model_executor.model_loader import config_dtype
         checkpoint = config_dtype(self.hf_config)
         if checkpoint in (torch.float16, torch.bfloat16):
@@ -258,7 +296,8 @@ class ParallelConfig:
 @dataclass
 class EngineConfig:
     """Every config of one engine, resolved together: construction fixes the device, the model's
-    dtype on it, the scheduler's token budget and async scheduling."""
+    quantization and dtype on it, the scheduler's token budget and async scheduling, and (on CPU)
+    torch's thread count."""
 
     model_config: ModelConfig
     cache_config: CacheConfig = field(default_factory=CacheConfig)
@@ -267,6 +306,8 @@ class EngineConfig:
     device: str = field(default="auto", metadata=_help("auto, cpu, cuda or cuda:N"))
     attention_backend: str = field(default="auto", metadata=_help("auto, torch (reference) or triton (GPU)"))
     enforce_eager: bool = field(default=False, metadata=_help("no CUDA graphs"))
+    num_threads: int | None = field(default=None, metadata=_help(
+        "CPU threads for the model's matmuls (default: the cores this process may run on)"))
 
     def __post_init__(self) -> None:
         _check(isinstance(self.device, str) and (self.device in ("auto", "cpu", "cuda")
@@ -274,6 +315,9 @@ class EngineConfig:
                f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
         _check(self.attention_backend in ("auto", "torch", "triton"),
                f"attention_backend must be 'auto', 'torch' or 'triton', got {self.attention_backend!r}")
+        _check(self.num_threads is None or (isinstance(self.num_threads, int) and not isinstance(self.num_threads, bool)
+                                            and self.num_threads >= 1),
+               f"num_threads must be an int >= 1 (or unset for the available cores), got {self.num_threads!r}")
         self._torch_device = self._resolve_device()
         # Each engine resolves its own copies: a config the caller reuses (for another device, or
         # through dataclasses.replace) is resolved again from what was asked, not from the result.
@@ -281,8 +325,23 @@ class EngineConfig:
         self.cache_config = copy.copy(self.cache_config)
         self.scheduler_config = copy.copy(self.scheduler_config)
         self.parallel_config = copy.copy(self.parallel_config)
+        self.model_config.resolve_quantization(self._torch_device)
         self.model_config.dtype = self.model_config.resolve_dtype(self._torch_device)
         self.scheduler_config.finalize(self.model_config.max_model_len, self._torch_device.type)
+        self.num_threads = self.num_threads or available_cores()
+        self.set_threads()
+
+    def set_threads(self) -> None:
+        """torch's intra-op threads on a CPU engine. Its own default counts the machine's cores,
+        not those the process may use (a cgroup or taskset leaves fewer), and more threads than
+        cores slow every matmul down."""
+        if self._torch_device.type == "cpu":
+            torch.set_num_threads(self.num_threads)
+
+    def __setstate__(self, state: dict) -> None:
+        # An engine core started in a process of its own (spawn) gets its threads set there too.
+        self.__dict__.update(state)
+        self.set_threads()
 
     def _resolve_device(self) -> torch.device:
         if self.device == "auto":

@@ -1,7 +1,8 @@
-"""`folovllm bench throughput|latency|table`: the BENCHMARKS.md workloads from the command line.
+"""`folovllm bench throughput|latency|table|cpu`: the BENCHMARKS.md workloads from the command line.
 
 Engine flags are those of `folovllm generate`; the model defaults to the bench Qwen3-0.6B config
-with dummy weights. `--seed` seeds both the workload and the dummy weights, as in vLLM's bench.
+with dummy weights (for `bench cpu`: the real GGUF model). `--seed` seeds both the workload and the
+dummy weights, as in vLLM's bench.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def _offline_command(name: str):
 
 cmd_throughput, cmd_latency = _offline_command("throughput"), _offline_command("latency")
 cmd_prefix, cmd_chunked = _offline_command("prefix"), _offline_command("chunked")
+cmd_cpu = _offline_command("cpu")
 
 
 def _modes(choices):
@@ -193,6 +195,22 @@ def register(subparsers) -> None:
     ch.add_argument("--output-json", default=None)
     add_cli_args(ch, default_model=default_bench_model())
     ch.set_defaults(func=cmd_chunked, load_format="dummy", max_model_len=10240)
+
+    cpu = sub.add_parser("cpu", help="CPU: batch-1 TTFT and decode tok/s, a 16-prompt batch, peak RSS, and the "
+                                     "memory-bandwidth floor of decode (the real model by default)")
+    cpu.add_argument("--prompt-len", type=int, default=128, help="batch-1 prompt tokens (default: %(default)s)")
+    cpu.add_argument("--output-len", type=int, default=64, help="output tokens of every request (default: %(default)s)")
+    cpu.add_argument("--num-iters", type=int, default=3, help="batch-1 runs, median taken (default: %(default)s)")
+    cpu.add_argument("--batch-size", type=int, default=16, help="prompts of the batch run (default: %(default)s)")
+    cpu.add_argument("--batch-prompt-len", type=int, default=100,
+                     help="about this many tokens per batch prompt, +-4%% (default: %(default)s)")
+    cpu.add_argument("--copy-mib", type=int, default=1024,
+                     help="size of the tensor copied to measure memory bandwidth (default: %(default)s)")
+    cpu.add_argument("--output-json", default=None)
+    add_cli_args(cpu)
+    # Random prompts never share a prefix; the cache lookups would only be overhead here.
+    # max_num_seqs None: the batch size (run() fills it in).
+    cpu.set_defaults(func=cmd_cpu, enable_prefix_caching=False, max_num_seqs=None)
 
     sv = sub.add_parser("serve", help="the serve workload against a running OpenAI-compatible server")
     sv.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server (default: %(default)s)")

@@ -27,7 +27,7 @@ class _Layer(torch.nn.Module):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("m", [1, 5])
+@pytest.mark.parametrize("m", [1, 5, 40])  # the kernel for few rows, dequantized for many
 def test_linear_method_equals_the_dequantized_matmul(dtype, tol, m):
     gen = torch.Generator().manual_seed(m)
     layer, method = _Layer(), Int8LinearMethod()
@@ -64,7 +64,135 @@ def test_engine_tokens_equal_transformers_on_the_dequantized_weights(tiny_models
     prompts = [[5, 6, 7, 8], [9, 10, 11]]
     want = [ref.generate(torch.tensor([p]), max_new_tokens=10, min_new_tokens=10, do_sample=False,
                          pad_token_id=0)[0, len(p):].tolist() for p in prompts]
-    llm = LLM(path, device="cpu", quantization="int8")
+    # float32 activations, so the only difference from float32 transformers is the int8 weights
+    # (dtype "auto" would be bfloat16 with int8 on CPU).
+    llm = LLM(path, device="cpu", quantization="int8", dtype="float32")
     got = llm.generate([{"prompt_token_ids": p} for p in prompts],
                        SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in got] == want
+
+
+# ---- a GGUF file on CPU defaults to int8 -------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    """(path, transformers model read from that file): a tiny Qwen2 GGUF written as llama.cpp's
+    converter would (tests/unit/test_gguf_loader.py's writer)."""
+    import transformers
+    from test_gguf_loader import _tiny, _write_gguf
+
+    folder = tmp_path_factory.mktemp("tiny-gguf")
+    path = folder / "tiny-qwen2.gguf"
+    _write_gguf(_tiny("qwen2", num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
+                "qwen2", path, tokenizer=True)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=path.name,
+                                                           dtype=torch.float32).eval()
+    return str(path), hf
+
+
+def test_gguf_on_cpu_resolves_to_int8_with_bfloat16_unless_asked_otherwise(tiny_gguf, tiny_models):
+    from folovllm.config import EngineConfig, ModelConfig
+
+    path, _ = tiny_gguf
+
+    def resolved(**kw):
+        mc = EngineConfig(ModelConfig(path, **kw), device="cpu").model_config
+        return mc.quantization, mc.dtype
+
+    assert resolved() == ("int8", torch.bfloat16)
+    assert resolved(dtype="float32") == ("int8", torch.float32)  # a dtype the user chose stays
+    assert resolved(quantization="none") == (None, torch.float32)  # today's float32
+    assert resolved(quantization="NONE") == (None, torch.float32)
+    assert resolved(quantization="int4") == ("int4", torch.bfloat16)
+    # Off CPU a GGUF keeps float weights; the same ModelConfig resolves again for each device.
+    mc = ModelConfig(path)
+    assert mc.resolve_quantization(torch.device("cuda")) is None
+    assert mc.resolve_quantization(torch.device("cpu")) == "int8"
+    assert mc.resolve_quantization(torch.device("cuda")) is None
+    # An HF folder on CPU stays float32 unless asked.
+    assert EngineConfig(ModelConfig(tiny_models["llama"][0]), device="cpu").model_config.quantization is None
+
+
+def test_quantization_none_gives_the_float32_tokens_and_the_default_is_int8(tiny_gguf):
+    path, hf = tiny_gguf
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    want = [hf.generate(torch.tensor([p]), max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                        pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    inputs = [{"prompt_token_ids": p} for p in prompts]
+    plain = LLM(path, device="cpu", quantization="none")
+    assert [o.outputs[0].token_ids for o in plain.generate(inputs, params, use_tqdm=False)] == want
+    model = plain.llm_engine.engine_core.executor.driver_worker.model_runner.model
+    assert model.lm_head.weight.dtype == torch.float32 and not hasattr(model.lm_head, "weight_int8")
+
+    default = LLM(path, device="cpu")
+    model = default.llm_engine.engine_core.executor.driver_worker.model_runner.model
+    assert model.lm_head.weight_int8.dtype == torch.int8
+    assert model.model.layers[0].mlp.down_proj.weight_int8.dtype == torch.int8
+    assert default.llm_engine.model_config.dtype == torch.bfloat16
+    outs = default.generate(inputs, params, use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [8, 8]
+
+
+def test_the_chosen_format_and_its_memory_are_logged(tiny_gguf):
+    import logging
+
+    path, _ = tiny_gguf
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("folovllm.model_executor.model_loader")
+    logger.addHandler(handler)
+    try:
+        LLM(path, device="cpu")
+        LLM(path, device="cpu", quantization="none")
+    finally:
+        logger.removeHandler(handler)
+    lines = [r.getMessage() for r in records if r.getMessage().startswith("weights:")]
+    assert len(lines) == 2
+    assert "int8 weights" in lines[0] and "default for a GGUF file on CPU" in lines[0]
+    assert "bfloat16 activations" in lines[0] and "MB in memory" in lines[0]
+    assert lines[1].startswith("weights: float32 (unquantized)")
+
+
+def test_cli_takes_int8_int4_and_none(tiny_gguf, capsys):
+    from folovllm.entrypoints.cli import build_parser, main
+
+    path, _ = tiny_gguf
+    for name in ("int8", "int4", "none"):
+        assert build_parser().parse_args(["generate", "--quantization", name]).quantization == name
+    assert main(["generate", "--model", path, "--prompt", "ab", "--max-tokens", "3", "--quantization", "int4",
+                 "--ignore-eos", "--max-model-len", "64"]) == 0
+    assert "3 tokens" in capsys.readouterr().err
+    assert main(["generate", "--model", path, "--prompt", "ab", "--quantization", "int3"]) == 2
+    err = capsys.readouterr().err
+    assert "quantization method 'int3' is not supported" in err and "int4" in err and "none" in err
+
+
+def test_quantization_none_on_a_quantized_checkpoint_is_a_clear_error(tiny_models, tmp_path):
+    import json
+    import shutil
+
+    from folovllm.config import ModelConfig
+
+    folder = tmp_path / "gptq"
+    shutil.copytree(tiny_models["llama"][0], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"quantization='none' was asked for.*'gptq'-quantized weights.*leave "
+                                         r"quantization unset"):
+        ModelConfig(str(folder), quantization="none")
+    with pytest.raises(ValueError, match=r"ModelConfig\.quantization must be a method name"):
+        ModelConfig(tiny_models["llama"][0], quantization=4)
+
+
+def test_gguf_weights_come_in_the_model_dtype_when_narrower(tiny_gguf):
+    from folovllm.model_executor.model_loader.gguf_loader import iterate_gguf_weights
+
+    path, _ = tiny_gguf
+    wide = dict(iterate_gguf_weights(path))
+    narrow = dict(iterate_gguf_weights(path, torch.bfloat16))
+    assert narrow.keys() == wide.keys()
+    for name, t in narrow.items():
+        assert t.dtype == torch.bfloat16 and torch.equal(t, wide[name].to(torch.bfloat16)), name

@@ -245,14 +245,16 @@ def _hf_name(gguf_name: str) -> str | None:
     raise ValueError(f"unexpected GGUF tensor {gguf_name!r}")
 
 
-def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     # Inverse of llama.cpp's LlamaModel.permute, which interleaved the two halves
     # of each head's rows (HF rotate_half layout) into adjacent pairs.
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def iterate_gguf_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF parameter name, float32 tensor in HF shape) for every weight.
+def iterate_gguf_weights(path: str, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF parameter name, tensor in HF shape) for every weight, in `dtype` (float32 by
+    default; the model's dtype when that is narrower, so that the tensor a loader is copying and
+    the next one being dequantized take half the memory).
 
     The file and its tensor names are checked here, before the first tensor
     is asked for, so a bad file fails before any weight is loaded.
@@ -262,39 +264,44 @@ def iterate_gguf_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
         names = [_hf_name(t.name) for t in g.tensors]
     except ValueError as e:
         raise ValueError(f"{g.path}: {e}; expected a plain {g.arch} checkpoint") from e
-    return _iterate(g, names)
+    return _iterate(g, names, dtype)
 
 
-def _iterate(g: _GGUF, names: list[str | None]) -> Iterator[tuple[str, torch.Tensor]]:
+def _iterate(g: _GGUF, names: list[str | None], dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     n_head = int(g.metadata[f"{g.arch}.attention.head_count"])
     n_kv_head = int(g.metadata.get(f"{g.arch}.attention.head_count_kv", n_head))
     with open(g.path, "rb") as f:
         for t, name in zip(g.tensors, names):
             if name is None:
                 continue
-            w = _read_dequantized(f.fileno(), t)
+            w = _read_dequantized(f.fileno(), t, dtype)
             if g.arch in _PERMUTED_ARCHS:
                 if ".q_proj." in name:
                     w = _unpermute(w, n_head)
                 elif ".k_proj." in name:
                     w = _unpermute(w, n_kv_head)
-            yield name, torch.from_numpy(w)
+            yield name, w
             del w  # don't pin the last tensor while the next one is built
 
 
 _CHUNK_BYTES = 16 << 20
 
 
-def _read_dequantized(fd: int, t: _Tensor) -> np.ndarray:
+def _read_dequantized(fd: int, t: _Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     # Read and dequantize a few rows at a time into the output: dequantize() makes
     # several temporaries the size of its input in float32, and a file read (not a
     # memmap) keeps the file's pages out of this process's resident memory.
-    out = np.empty(t.shape, np.float32)
-    rows = out.reshape(-1, t.shape[-1])
+    if dtype == torch.float32:
+        out = torch.from_numpy(np.empty(t.shape, np.float32))
+    else:
+        out = torch.empty(t.shape, dtype=dtype)
+    rows = out.view(-1, t.shape[-1])
     row_bytes = t.nbytes // len(rows)
     step = max(1, _CHUNK_BYTES // row_bytes)
     for i in range(0, len(rows), step):
         n = min(step, len(rows) - i)
         raw = os.pread(fd, n * row_bytes, t.offset + i * row_bytes)
-        rows[i : i + n] = dequantize(np.frombuffer(raw, np.uint8).reshape(n, row_bytes), t.qtype)
+        values = dequantize(np.frombuffer(raw, np.uint8).reshape(n, row_bytes), t.qtype)
+        # An F32/F16 tensor comes back as a read-only view of the bytes read.
+        rows[i : i + n] = torch.from_numpy(values if values.flags.writeable else values.copy())
     return out

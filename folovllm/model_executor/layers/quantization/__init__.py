@@ -30,7 +30,8 @@ def get_quantization_config_cls(name: str) -> type[QuantizationConfig]:
     key = name.lower() if isinstance(name, str) else name
     if key not in QUANTIZATION_METHODS:
         supported = ", ".join(sorted(QUANTIZATION_METHODS)) or "none yet (only unquantized models)"
-        raise ValueError(f"quantization method {name!r} is not supported; supported methods: {supported}")
+        raise ValueError(f"quantization method {name!r} is not supported; supported methods: {supported} "
+                         "(or 'none' for float weights)")
     return QUANTIZATION_METHODS[key]
 
 
@@ -41,6 +42,10 @@ register_quantization_config("gptq")(GPTQConfig)
 from folovllm.model_executor.layers.quantization.int8 import Int8Config  # noqa: E402
 
 register_quantization_config("int8")(Int8Config)
+
+from folovllm.model_executor.layers.quantization.int4 import Int4Config  # noqa: E402
+
+register_quantization_config("int4")(Int4Config)
 
 __all__ = ["QUANTIZATION_METHODS", "LinearMethodBase", "QuantizationConfig", "get_quantization_config_cls",
            "register_quantization_config"]

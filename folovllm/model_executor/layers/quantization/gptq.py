@@ -20,6 +20,13 @@ Layouts for the loaders (folovllm/model_executor/utils.py): qweight's output dim
 qweight is packed along the input. Row-parallel ranks take whole groups: scales and qzeros are
 split along their group dim, except with desc_act (a rank's rows then use groups from all over)
 or a single group, where every rank holds all of them and g_idx picks.
+
+On CPU, 4-bit layers are repacked once after loading for PyTorch's int4 kernel (int4.py): the
+rows sorted by group when act-order shuffled them (the forward permutes x's columns to match), each
+checkpoint group split into kernel groups of 256/128/64/32 rows, zeros folded into the kernel's
+float convention; many rows at once dequantize from the packed codes instead (int4.DENSE_FROM_ROWS).
+With bfloat16 activations the checkpoint's qweight is freed then (with float32 it stays, for code
+that reads it). 8-bit layers, and groups the kernel cannot take, keep the dequantizing forward.
 """
 
 from __future__ import annotations
@@ -211,6 +218,9 @@ class GPTQLinearMethod(LinearMethodBase):
             g_idx.long(), torch.arange(k, device=g_idx.device) // max(1, k // num_groups))
         layer.gptq_g_idx = None if plain else g_idx
         layer.gptq_group_size = k // num_groups if plain else cfg.group_size
+        layer.register_buffer("gptq_int4", None, persistent=False)
+        if layer.qweight.device.type == "cpu" and cfg.bits == 4:
+            _repack_for_cpu(layer)
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         cfg = self.quant_config
@@ -221,9 +231,77 @@ class GPTQLinearMethod(LinearMethodBase):
                            cfg.bits, layer.gptq_group_size)
                 y = y.reshape(*x.shape[:-1], y.shape[-1])
                 return y if bias is None else y + bias
+        if getattr(layer, "gptq_int4", None) is not None and x.device.type == "cpu":
+            y = _apply_cpu(layer, x)
+            return y if bias is None else y + bias
         w = dequantize(layer.qweight, layer.gptq_zeros, layer.scales, layer.gptq_g_idx, cfg.bits, x.dtype)
         y = x @ w
         return y if bias is None else y + bias
+
+
+# ---- CPU: 4-bit checkpoints on PyTorch's int4 kernel ----------------------------------------------
+
+def cpu_kernel_group_size(layer) -> tuple[int | None, torch.Tensor | None, str]:
+    """(the kernel's group size, the input permutation or None, why not) for a loaded 4-bit layer.
+    Rows go to the kernel in group order: without act-order they are already; with it they are
+    sorted by g_idx, which works when every group then covers group_size consecutive rows (the
+    standard act-order checkpoint). The checkpoint's group may be a multiple of the kernel's (a
+    group of 512, or one group of K): its scale and zero are then repeated."""
+    from folovllm.model_executor.layers.quantization.int4 import KERNEL_GROUP_SIZES
+
+    k, num_groups = layer.g_idx.shape[0], layer.scales.shape[0]
+    if k % num_groups:
+        return None, None, f"{k} input rows do not split into {num_groups} equal groups"
+    group = k // num_groups
+    perm = None
+    if layer.gptq_g_idx is not None:
+        perm = torch.argsort(layer.gptq_g_idx.long(), stable=True)
+        if not torch.equal(layer.gptq_g_idx.long()[perm], torch.arange(k, device=perm.device) // group):
+            return None, None, "its act-order groups do not each hold group_size rows"
+    kernel_group = next((g for g in KERNEL_GROUP_SIZES if group % g == 0), None)
+    if kernel_group is None:
+        return None, None, f"its group of {group} rows is not a multiple of 32"
+    return kernel_group, perm, ""
+
+
+def _repack_for_cpu(layer) -> None:
+    """Once after loading: the codes, scales and zeros in the CPU int4 kernel's layout, so a
+    forward reads 4 bits per weight instead of dequantizing the layer. Layers the kernel cannot
+    take keep the dequantizing forward."""
+    from folovllm.model_executor.layers.quantization import int4
+
+    kernel_group, perm, _ = cpu_kernel_group_size(layer)
+    if kernel_group is None:
+        return
+    codes = unpack_rows(layer.qweight.data, 4)  # [K, N]
+    k, n = codes.shape
+    if perm is not None:
+        codes = codes[perm]
+    padded_n = -(-n // int4.BLOCK_N) * int4.BLOCK_N
+    codes = torch.nn.functional.pad(codes.t(), (0, 0, 0, padded_n - n))
+    repeat = k // layer.scales.shape[0] // kernel_group
+    scales = layer.scales.data.repeat_interleave(repeat, dim=0)
+    # scales * (q - z) = (q - 8) * scales + (8 - z) * scales
+    zeros = ((8 - layer.gptq_zeros.repeat_interleave(repeat, dim=0)).float() * scales.float()).to(scales.dtype)
+    # Buffers, so that the model's size (and .to()) sees them.
+    layer.register_buffer("gptq_int4", int4.pack_int4_cpu(codes), persistent=False)
+    layer.register_buffer("gptq_int4_sz", int4.scales_and_zeros(scales, zeros, padded_n), persistent=False)
+    layer.register_buffer("gptq_int4_perm", perm, persistent=False)
+    layer.gptq_int4_group_size = kernel_group
+    if scales.dtype == torch.bfloat16:
+        # bfloat16 activations always take the kernel: the checkpoint's codes would be a second copy.
+        layer.qweight.data = torch.empty(0, n, dtype=torch.int32)
+
+
+def _apply_cpu(layer, x: torch.Tensor) -> torch.Tensor:
+    from folovllm.model_executor.layers.quantization import int4
+
+    n = layer.scales.shape[1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if layer.gptq_int4_perm is not None:
+        x2 = x2.index_select(1, layer.gptq_int4_perm)
+    y = int4.int4_cpu_linear(x2, layer.gptq_int4, layer.gptq_int4_group_size, layer.gptq_int4_sz, n)
+    return y.reshape(*x.shape[:-1], n)
 
 
 _KERNEL: Any = None
