@@ -1,5 +1,6 @@
 """The real Qwen2.5-Coder-0.5B-Instruct GGUF (Q4_K_M), fetched once into the cache folder:
-FoloVLLM's greedy tokens equal transformers' on the same file."""
+FoloVLLM's greedy tokens with float32 weights (quantization="none"; a GGUF file on CPU otherwise
+gets int8 weights) equal transformers' on the same file."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def gguf_path():
 
 @pytest.fixture(scope="module")
 def llm(gguf_path):
-    return LLM(gguf_path, max_model_len=1024)
+    return LLM(gguf_path, max_model_len=1024, quantization="none")
 
 
 def test_greedy_matches_transformers(gguf_path, llm):
