@@ -21,13 +21,15 @@ already finished future, so async scheduling works but does not overlap the step
 scheduling.
 
 A rank that goes away breaks the next collective: the workers exit with a message saying rank 0
-is gone; the engine raises WorkerDiedError.
+is gone; the engine raises WorkerDiedError naming the rank (and its pid and host, which the ranks
+exchange at start-up), since a bare gloo "connection closed by peer" names only an address.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import socket
 import weakref
 from typing import Any
 
@@ -78,7 +80,8 @@ def config_fingerprint(config: EngineConfig) -> dict[str, Any]:
 
 def start_rank(config: EngineConfig, rank: int, local_rank: int):
     """Join the world through env://, load this rank's shard, and create the control group.
-    Every rank calls this, in the same order of collectives. Returns (worker, control group)."""
+    Every rank calls this, in the same order of collectives. Returns (worker, control group,
+    [(host, pid)] per rank)."""
     import torch.distributed as dist
 
     from folovllm.worker.worker import Worker
@@ -87,14 +90,17 @@ def start_rank(config: EngineConfig, rank: int, local_rank: int):
     worker.init_device()
     control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
     # Compare settings before loading weights: a mismatch fails on every rank, with both sides.
-    prints: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(prints, config_fingerprint(config), group=control)
+    # Where each rank runs travels with it, for rank 0's error messages should one go away.
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (config_fingerprint(config), (socket.gethostname(), os.getpid())),
+                           group=control)
+    prints = [g[0] for g in gathered]
     diff = {k: [p[k] for p in prints] for k in prints[0] if any(p[k] != prints[0][k] for p in prints)}
     if diff:
         raise ValueError("the ranks were started with different engine settings "
                          f"(setting: value per rank): {diff}; pass the same flags to every rank")
     worker.load_model()
-    return worker, control
+    return worker, control, [g[1] for g in gathered]
 
 
 def broadcast(msg, group) -> Any:
@@ -149,7 +155,7 @@ class ExternalRanksExecutor(Executor):
                              "other ranks with `folovllm worker`")
         logger.info("rank 0 of %d: waiting for the other ranks at %s:%s", self.world_size,
                     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"])
-        self.driver_worker, control = start_rank(self.config, 0, local_rank)
+        self.driver_worker, control, self._where = start_rank(self.config, 0, local_rank)
         self._state = {"control": control}
         self._finalizer = weakref.finalize(self, _send_shutdown, self._state)
         logger.info("%d tensor-parallel ranks ready", self.world_size)
@@ -158,7 +164,7 @@ class ExternalRanksExecutor(Executor):
         """Broadcast `msg`, then run `local()` on rank 0; a broken collective becomes
         WorkerDiedError (and the engine cannot continue)."""
         if self._state.get("failed"):
-            raise WorkerDiedError("a tensor-parallel rank went away earlier; the engine cannot continue")
+            raise WorkerDiedError(f"earlier, {self._state['failed']}; the engine cannot continue")
         if self._state.get("closed"):
             raise WorkerDiedError("the tensor-parallel executor was shut down")
         try:
@@ -167,9 +173,22 @@ class ExternalRanksExecutor(Executor):
         except RuntimeError as e:  # gloo/NCCL: a peer closed its connection, or timed out
             if isinstance(e, WorkerDiedError):
                 raise
-            self._state["failed"] = True
-            raise WorkerDiedError(f"a tensor-parallel rank went away during {msg[0]} "
-                                  f"({type(e).__name__}: {e}); the engine cannot continue") from e
+            self._state["failed"] = f"{self._gone()} went away during {msg[0]} ({type(e).__name__}: {e})"
+            raise WorkerDiedError(f"{self._state['failed']}; the engine cannot continue") from e
+
+    def _gone(self) -> str:
+        """The rank that broke a collective, as well as rank 0 can tell: with two ranks it is rank
+        1; with more, those on this host whose process has ended (a remote one cannot be
+        checked), else all of them."""
+        others = range(1, self.world_size)
+        if self.world_size > 2:
+            here = socket.gethostname()
+            dead = [r for r in others if self._where[r][0] == here and not _pid_alive(self._where[r][1])]
+            others = dead or others
+        ranks = [f"rank {r} (pid {self._where[r][1]} on {self._where[r][0]})" for r in others]
+        if len(ranks) == 1:
+            return f"tensor-parallel {ranks[0]}"
+        return f"one of tensor-parallel {', '.join(ranks)}"
 
     def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None) -> list[Any]:
         args, kwargs = tuple(args), dict(kwargs or {})
@@ -186,6 +205,16 @@ class ExternalRanksExecutor(Executor):
         self._finalizer()
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it exists
+        pass
+    return True
+
+
 # ---- ranks 1..N-1 ------------------------------------------------------------------------------
 
 def serve_commands(config: EngineConfig) -> int:
@@ -198,7 +227,7 @@ def serve_commands(config: EngineConfig) -> int:
         raise ValueError("RANK=0 is the engine: run `folovllm generate`/`serve` or LLM(...) there "
                          "with FOLOVLLM_DISTRIBUTED=env; `folovllm worker` is for RANK 1..N-1")
     logger.info("rank %d of %d: joining %s:%s", rank, world, os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"])
-    worker, control = start_rank(config, rank, local_rank)
+    worker, control, _ = start_rank(config, rank, local_rank)
     logger.info("rank %d ready; serving rank 0's commands", rank)
     while True:
         try:

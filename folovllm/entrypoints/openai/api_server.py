@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import time
 import uuid
 
@@ -380,14 +381,17 @@ SERVER_MAX_NUM_BATCHED_TOKENS = 2048
 
 
 def apply_server_defaults(args: argparse.Namespace) -> None:
-    """Settings whose best value differs for a server: the chunked-prefill token budget."""
+    """Settings whose best value differs for a server: the chunked-prefill token budget. Not as
+    rank 0 of ranks started by hand (FOLOVLLM_DISTRIBUTED=env): every rank must run with the same
+    budget, and a `folovllm worker` given the same flags cannot know that its rank 0 is a server,
+    so there the engine's default stands unless --max-num-batched-tokens is given."""
+    if os.environ.get("FOLOVLLM_DISTRIBUTED", "") == "env":
+        return
     if getattr(args, "max_num_batched_tokens", None) is None and getattr(args, "enable_chunked_prefill", True):
         args.max_num_batched_tokens = SERVER_MAX_NUM_BATCHED_TOKENS
 
 
 def run_server(args: argparse.Namespace) -> int:
-    import os
-
     import uvicorn
 
     from folovllm.engine.arg_utils import from_cli_args
