@@ -43,21 +43,23 @@ def copies(make, nbytes: int) -> list:
 
 
 def sweep_configs(m: int) -> list[tuple[gq.GPTQKernelConfig, int | None]]:
-    """The grid --sweep tries for m rows: GEMV tiles up to GEMV_MAX_ROWS, tensor-core tiles above
+    """The grid --sweep tries for m rows: GEMV tiles up to 4 rows, tensor-core tiles from 2 rows
     (with each unpacking), and dequantize-then-cuBLAS for big m."""
     C = gq.GPTQKernelConfig
     out = []
-    if m <= gq.GEMV_MAX_ROWS:
-        for bn, bk, warps, stages, each in itertools.product([64, 128, 256], [64, 128], [4], [2, 3], [False, True]):
-            for split in [None, 1, 4]:
-                out.append((C(m, bn, bk, warps, stages, kind="gemv", scale_each=each), split))
-    elif m <= 64:
+    if m <= 4:  # the GEMV kernel (one program row per row of x); above GEMV_MAX_ROWS, the dot tiles too
+        for bn, bk, warps in itertools.product([256, 512, 1024, 2048], [32, 64, 128], [4, 8]):
+            if bn * bk // 8 // (32 * warps) > 64:  # packed words per thread: beyond this they spill
+                continue
+            for split in [None, 4, 8, 16, 32, 64]:
+                out.append((C(m, bn, bk, warps, 1, kind="gemv"), split))
+    if 1 < m <= 64:
         bm = 16 if m <= 16 else 32 if m <= 32 else 64
         for bn, bk, warps, stages in itertools.product([32, 64, 128], [128, 256], [4], [3, 4]):
             for split in [None, 1, 4, 8]:
                 out.append((C(bm, bn, bk, warps, stages), split))
         out += [(C(bm, 64, 64, 4, 4, unpack="reshape"), None), (C(bm, 64, 64, 4, 4, unpack="gather"), None)]
-    else:
+    elif m > 64:
         for bm, bn, warps, stages, unpack in itertools.product([64, 128], [64, 128], [4, 8], [3, 4],
                                                                ["nibble", "reshape"]):
             out.append((C(bm, bn, 128 if unpack == "nibble" else 64, warps, stages, unpack=unpack), 1))
@@ -110,10 +112,12 @@ def main() -> None:
                 best_rows.append((name, m, t_q, *best))
                 print(f"  {name} m={m}: default {t_q:.1f} us, best {best[0]:.1f} us {best[1]} split={best[2]}",
                       flush=True)
-                if m > 64:  # the best of each kind, to choose where one hands over to the next
-                    for kind in ("dot", "dequant"):
-                        ts = [t for t, c, _ in timings if c.kind == kind]
-                        print(f"    best {kind}: {min(ts):.1f} us", flush=True)
+                # the best of each kind, to choose where one hands over to the next
+                for kind in ("gemv", "dot", "dequant"):
+                    ts = [(t, c, sp) for t, c, sp in timings if c.kind == kind]
+                    if ts:
+                        t, c, sp = min(ts, key=lambda r: r[0])
+                        print(f"    best {kind}: {t:.1f} us {c} split={sp}", flush=True)
     if best_rows:
         print(f"\n{'shape':<8} {'rows':>5} {'default us':>10} {'best us':>8} {'best BW %':>9}  best config")
         for name, m, t_q, t, cfg, split in best_rows:
@@ -121,7 +125,7 @@ def main() -> None:
             qb = k * n * args.bits // 8 + (k // args.group_size) * n * (16 + args.bits) // 8
             print(f"{name:<8} {m:>5} {t_q:>10.1f} {t:>8.1f} {qb / (t * 1e-6) / bw:>9.0%}  {cfg.kind} "
                   f"bm={cfg.block_m} bn={cfg.block_n} bk={cfg.block_k} w={cfg.num_warps} s={cfg.num_stages} "
-                  f"{cfg.unpack} each={cfg.scale_each} split={split}")
+                  f"{cfg.unpack} split={split}")
     print(f"\n{'shape':<8} {'rows':>5} {'bf16 us':>9} {'gptq us':>9} {'speed-up':>9} {'gptq BW %':>10} "
           f"{'bf16 BW %':>10} {'rel err':>9}")
     for name, m, t_d, t_q, frac, frac_d, err in rows:

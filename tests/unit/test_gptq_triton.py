@@ -155,22 +155,22 @@ def test_every_unpacking(unpack, bits, group_size, g_idx_kind):
 
 
 @in_process
-@pytest.mark.parametrize("scale_each", [False, True], ids=["per_tile", "per_weight"])
 @pytest.mark.parametrize("bits,group_size", [(4, 32), (8, 64), (2, -1), (4, 128)])
 @pytest.mark.parametrize("m", [1, 2, 3])
-def test_gemv_kernel(m, bits, group_size, scale_each):
-    """The CUDA-core kernel for a few rows, both ways of applying the scales, with and without an
-    act-order permutation of x's columns (gptq_prepare's layout)."""
+def test_gemv_kernel(m, bits, group_size):
+    """The CUDA-core kernel for a few rows (one program row each), with and without an act-order
+    permutation of x's columns (gptq_prepare's layout): its fields read as floats in two mantissa
+    windows (up to 4 bits) or one (8 bits), and a tile's zero and scale applied to its sums."""
     packed, w = make_weight(256, 96, bits, group_size)
     for dtype in DTYPES:
-        cfg = gq.GPTQKernelConfig(4, 32, 64, kind="gemv", scale_each=scale_each)
+        cfg = gq.GPTQKernelConfig(4, 32, 64, kind="gemv")
         check(randx(m, 256, dtype), packed, w, bits, group_size, config=cfg, split_k=2)
     packed, w = make_weight(256, 32, bits, group_size, "actorder" if group_size != -1 else "none")
     prepared = gq.gptq_prepare(packed["qweight"], packed["qzeros"], packed["scales"], packed["g_idx"], bits,
                                group_size)
     x = randx(m, 256, DTYPES[0])
     ref = x.double().cpu() @ w
-    out = prepared.matmul(x, config=gq.GPTQKernelConfig(4, 32, 64, kind="gemv", scale_each=scale_each))
+    out = prepared.matmul(x, config=gq.GPTQKernelConfig(4, 32, 64, kind="gemv"))
     assert rel_err(out, ref) < TOL[x.dtype]
 
 
@@ -332,11 +332,11 @@ for m, mode, perm, unpack, split in [(16, 0, True, 2, True), (16, 2, False, 0, F
           dict(BITS=4, GROUP_MODE=mode, HAS_PERM=perm, UNPACK=unpack, DOT_PREC=None, SPLIT_K=split,
                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k), cfg)
 gemv_names = [nm for nm in names if nm != "g_ptr"]
-for m, perm, each, split in [(1, False, False, True), (4, True, True, False)]:
-    cfg = g.default_config(m, 4096, 4096)
-    build(g._gptq_gemv_kernel, gemv_names, [p for i, p in enumerate(ptrs) if i != 4] + ["i32"] * 10,
-          dict(BITS=4, HAS_PERM=perm, SCALE_EACH=each, SPLIT_K=split, BLOCK_M=m, BLOCK_N=cfg.block_n,
-               BLOCK_K=cfg.block_k), cfg)
+gemv_names[gemv_names.index("k_per_split") + 1:gemv_names.index("k_per_split") + 1] = ["field_hi", "field_lo"]
+for bits, perm, split in [(4, False, True), (8, True, False)]:
+    cfg = g.default_config(1, 4096, 4096)
+    build(g._gptq_gemv_kernel, gemv_names, [p for i, p in enumerate(ptrs) if i != 4] + ["i32"] * 12,
+          dict(BITS=bits, HAS_PERM=perm, SPLIT_K=split, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k), cfg)
 cfg = g.default_config(g.DEQUANT_MIN_ROWS, 4096, 4096)
 build(g._gptq_dequant_kernel, ["qw_ptr", "qz_ptr", "s_ptr", "g_ptr", "w_ptr", "N", "K", "group_size", "stride_qk",
                                "stride_zg", "stride_sg", "stride_wk"], ["*i32", "*i32", "*fp16", "*i32", "*bf16"] + ["i32"] * 7,

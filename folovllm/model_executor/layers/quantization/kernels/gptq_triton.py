@@ -14,9 +14,11 @@ Layout (the GPTQ checkpoint's, with p = 32 // bits values per int32):
 
 Three kernels, chosen by the number of rows M (default_config):
 
-  gemv     (M = 1): CUDA cores. Each program loads a packed [BLOCK_K / p, BLOCK_N] tile once and
-           multiplies each of its p bit fields by the x values of the rows it holds as it is
-           extracted; every K tile lies inside one group, so the scale multiplies the tile's sum.
+  gemv     (M = 1): CUDA cores, one program row per row of x. Each program loads packed
+           [BLOCK_K / p, BLOCK_N] tiles (the next one's load issued before this one's arithmetic)
+           and reads each bit field as a float by placing it in a float's mantissa (a shift and
+           one LOP3 per weight, one shift per two fields up to 4 bits; _gptq_gemv_kernel); every
+           K tile lies inside one group, so the zero and the scale apply to the tile's sums.
   dot      (M up to DEQUANT_MIN_ROWS): tensor cores, [BLOCK_M, BLOCK_N] output tiles with a float32
            accumulator, the weight dequantized tile by tile inside the K loop. The default
            unpacking ("nibble") dots each bit field's rows against the x columns they meet, p
@@ -71,6 +73,8 @@ MAX_SPLIT_K = 16
 # Up to this many rows the GEMV kernel (no tensor cores) runs; from DEQUANT_MIN_ROWS on, the
 # weight is dequantized into a scratch buffer once and the product goes to cuBLAS.
 GEMV_MAX_ROWS = 1
+GEMV_PROGRAMS_PER_SM = 2
+GEMV_MAX_SPLIT_K = 64
 DEQUANT_MIN_ROWS = 32
 UNPACKINGS = ("gather", "reshape", "nibble")
 
@@ -226,60 +230,99 @@ def _gptq_matmul_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, perm_ptr, out_ptr, 
 
 @triton.jit(do_not_specialize=["M"])
 def _gptq_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, perm_ptr, out_ptr, part_ptr, lock_ptr,
-                      M, N, K, group_size, k_per_split,
+                      M, N, K, group_size, k_per_split, field_hi, field_lo,
                       stride_xm, stride_qk, stride_zg, stride_sg, stride_om,
-                      BITS: tl.constexpr, HAS_PERM: tl.constexpr, SCALE_EACH: tl.constexpr,
-                      SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr):
-    """A few rows (decode at small batch), on the CUDA cores: each packed [BLOCK_KP, BLOCK_N] tile
-    is loaded once and its PACK bit fields are multiplied by the matching x columns as they come
-    out, accumulated in a [BLOCK_M, BLOCK_KP, BLOCK_N] float32 block. Every K tile lies in one
-    group (the launcher checks), so its scale multiplies the tile's reduced sum (or, SCALE_EACH,
-    every weight: one reduction at the end instead of one per tile)."""
+                      BITS: tl.constexpr, HAS_PERM: tl.constexpr, SPLIT_K: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One row of x (program axis 1) times a [K, BLOCK_N] slab of the weight, on the CUDA cores.
+
+    Each packed [BLOCK_KP, BLOCK_N] tile is loaded once (the next tile's load is issued before
+    this tile's arithmetic), and its bit fields become floats without a conversion or a
+    subtraction per weight: a field q shifted to the top of a float's mantissa and OR-ed with the
+    bits of 1.0 is the float 1 + q / 2**BITS exactly (a shift and one LOP3). Up to 4 bits, one
+    shift serves two neighbouring fields: the upper lands in that top window, the lower one
+    window below, as 1 + q / 2**(2 BITS), and its x is multiplied by 2**BITS, so both products
+    carry x * q / 2**BITS. A tile's rows lie in one group (the launcher makes sure), so with
+    a = sum of the products, X' = sum of their constant parts (x, or 2**BITS x) and X = sum x:
+
+        sum x * s * (q - z) = s * 2**BITS * (a - X') - s * z * X
+
+    the tile's a summed over its rows, then a few operations per output column. field_hi / field_lo are the two windows' masks, passed at run time:
+    as registers they let the AND and the OR fuse into one LOP3 (an instruction takes only one
+    immediate)."""
     PACK: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     BLOCK_KP: tl.constexpr = BLOCK_K // PACK
+    HI: tl.constexpr = 23 - BITS           # the top window's lowest bit
+    LO: tl.constexpr = 23 - 2 * BITS       # the one below (pairs, BITS <= 4)
+    PAIRS: tl.constexpr = BITS <= 4
+    ONE_BITS: tl.constexpr = 0x3F800000    # float32 1.0
+    SCALE: tl.constexpr = float(1 << BITS)
     pid_n = tl.program_id(0)
+    row = tl.program_id(1)
     pid_k = tl.program_id(2)
-    offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < M
     n_mask = offs_n < N
     z_cols = offs_n // PACK
     z_shift = (offs_n % PACK) * BITS
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    x_row = x_ptr + row.to(tl.int64) * stride_xm
 
     k_start = pid_k * k_per_split
     k_end = tl.minimum(K, k_start + k_per_split)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc3 = tl.zeros((BLOCK_M, BLOCK_KP, BLOCK_N), dtype=tl.float32)
+    kp_end = k_end // PACK
+    # (pointers are rebuilt from scalars each iteration: a loop-carried pointer tensor would hide
+    # its contiguity along N from the compiler, and with it the vector loads)
+    offs_kp = k_start // PACK + tl.arange(0, BLOCK_KP)
+    packed = tl.load(qw_ptr + offs_kp.to(tl.int64)[:, None] * stride_qk + offs_n[None, :],
+                     mask=(offs_kp < kp_end)[:, None] & n_mask[None, :], other=0)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_kp = k0 // PACK + tl.arange(0, BLOCK_KP)
-        kp_mask = offs_kp < k_end // PACK
-        packed = tl.load(qw_ptr + offs_kp.to(tl.int64)[:, None] * stride_qk + offs_n[None, :],
-                         mask=kp_mask[:, None] & n_mask[None, :], other=0)
-        s, zf = _tile_scale_zero(s_ptr, qz_ptr, k0 // group_size, offs_n, z_cols, z_shift, n_mask,
-                                 stride_sg, stride_zg, MASK)
-        if not SCALE_EACH:
-            part = tl.zeros((BLOCK_M, BLOCK_KP, BLOCK_N), dtype=tl.float32)
+        kp_mask = offs_kp < kp_end
+        nxt = offs_kp + BLOCK_KP
+        packed_next = tl.load(qw_ptr + nxt.to(tl.int64)[:, None] * stride_qk + offs_n[None, :],
+                              mask=(nxt < kp_end)[:, None] & n_mask[None, :], other=0)
+        g = k0 // group_size
+        s = tl.load(s_ptr + g * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        z = ((tl.load(qz_ptr + g * stride_zg + z_cols, mask=n_mask, other=0) >> z_shift) & MASK).to(tl.float32)
+        a = tl.zeros((BLOCK_KP, BLOCK_N), dtype=tl.float32)
+        x_hi = tl.zeros((BLOCK_KP,), dtype=tl.float32)  # sum of the x that meet the top window
+        x_lo = tl.zeros((BLOCK_KP,), dtype=tl.float32)  # and of those that meet the lower one
         for j in tl.static_range(PACK):
             rows = offs_kp * PACK + j
             if HAS_PERM:
                 cols = tl.load(perm_ptr + rows, mask=kp_mask, other=0)
             else:
                 cols = rows
-            xj = tl.load(x_rows + cols[None, :], mask=m_mask[:, None] & kp_mask[None, :], other=0.0).to(tl.float32)
-            w = (((packed >> (j * BITS)) & MASK) | MAGIC_BITS).to(tl.float32, bitcast=True) - zf[None, :]
-            if SCALE_EACH:
-                acc3 += xj[:, :, None] * (w * s[None, :])[None, :, :]
+            xj = tl.load(x_row + cols, mask=kp_mask, other=0.0).to(tl.float32)
+            if PAIRS and j % 2 == 0:
+                SH = LO - BITS * j         # field j to the low window, field j + 1 to the top
+                if SH >= 0:
+                    f = packed << SH
+                else:
+                    f = packed >> (-SH)    # sign bits shifted in land above the windows: masked off
+                x_lo += xj
+                w = ((f & field_lo) | ONE_BITS).to(tl.float32, bitcast=True)  # 1 + q / 2**(2 BITS)
+                a += (xj * SCALE)[:, None] * w
             else:
-                part += xj[:, :, None] * w[None, :, :]
-        if not SCALE_EACH:
-            acc += tl.sum(part, axis=1) * s[None, :]
-    if SCALE_EACH:
-        acc = tl.sum(acc3, axis=1)
-    _store_result(acc, out_ptr, part_ptr, lock_ptr, offs_m, offs_n, m_mask[:, None] & n_mask[None, :],
-                  M, N, stride_om, pid_n, pid_k, tl.num_programs(2), SPLIT_K)
+                if not PAIRS:
+                    SH = HI - BITS * j
+                    if SH >= 0:
+                        f = packed << SH
+                    else:
+                        f = packed >> (-SH)
+                x_hi += xj
+                w = ((f & field_hi) | ONE_BITS).to(tl.float32, bitcast=True)  # 1 + q / 2**BITS
+                a += xj[:, None] * w
+        # the tile's rows, summed (inside each thread when a thread holds whole columns)
+        x_sum = tl.sum(x_hi + x_lo, axis=0)
+        x_const = tl.sum(x_hi + x_lo * SCALE, axis=0)
+        acc += s * SCALE * (tl.sum(a, axis=0) - x_const) - s * z * x_sum
+        packed = packed_next
+    offs_m = row + tl.arange(0, 1)
+    _store_result(acc[None, :], out_ptr, part_ptr, lock_ptr, offs_m, offs_n,
+                  (offs_m < M)[:, None] & n_mask[None, :], M, N, stride_om,
+                  row * tl.num_programs(0) + pid_n, pid_k, tl.num_programs(2), SPLIT_K)
 
 
 @triton.jit
@@ -312,9 +355,9 @@ def _gptq_dequant_kernel(qw_ptr, qz_ptr, s_ptr, g_ptr, w_ptr, N, K, group_size,
 @dataclasses.dataclass(frozen=True)
 class GPTQKernelConfig:
     """Compile-time tile sizes and launch options of one gptq_matmul call. kind: "dot" (tensor
-    cores), "gemv" (CUDA cores, a few rows; block_m then covers all of them) or "dequant"
-    (dequantize, then cuBLAS). unpack (dot only): how a packed tile becomes weight rows, one of
-    UNPACKINGS. scale_each (gemv only): scale every weight instead of every tile's sum."""
+    cores), "gemv" (CUDA cores, one program row per row of x, for up to block_m rows) or
+    "dequant" (dequantize, then cuBLAS). unpack (dot only): how a packed tile becomes weight rows,
+    one of UNPACKINGS."""
     block_m: int
     block_n: int
     block_k: int
@@ -322,7 +365,6 @@ class GPTQKernelConfig:
     num_stages: int = 3
     unpack: str = "nibble"
     kind: str = "dot"
-    scale_each: bool = False
 
 
 def default_config(m: int, n: int, k: int) -> GPTQKernelConfig:
@@ -332,7 +374,12 @@ def default_config(m: int, n: int, k: int) -> GPTQKernelConfig:
     every extra row), tensor-core tiles up to 16 rows, and dequantize-then-cuBLAS from
     DEQUANT_MIN_ROWS rows on (it beat every fused tile at 256 and 512 rows by 1.7-1.9x)."""
     if m <= GEMV_MAX_ROWS:
-        return GPTQKernelConfig(GEMV_MAX_ROWS, 256, 64, num_warps=4, num_stages=2, kind="gemv")
+        # 1 row, H200: wide-output layers (gate_up, N 24576) best with 1024 x 32 tiles (26.0 us),
+        # the others with 256 x 128 (qkv 10.6, o 9.0 us); down's best (512 x 64, 17.3 us) is
+        # within a few percent of 256 x 128.
+        if n >= 16384:
+            return GPTQKernelConfig(GEMV_MAX_ROWS, 1024, 32, num_warps=4, num_stages=1, kind="gemv")
+        return GPTQKernelConfig(GEMV_MAX_ROWS, 256, 128, num_warps=4, num_stages=1, kind="gemv")
     if m <= 16:
         return GPTQKernelConfig(16, 128, 256, num_warps=4, num_stages=3)
     if m < DEQUANT_MIN_ROWS:
@@ -400,12 +447,13 @@ def _choose_block_k(block_k: int, k: int, pack: int, group_size: int, has_g_idx:
     return bk, 1
 
 
-def _choose_split_k(split_k: int | None, m: int, tiles: int, k_tiles: int, device: torch.device) -> int:
+def _choose_split_k(split_k: int | None, m: int, tiles: int, k_tiles: int, device: torch.device,
+                    programs_per_sm: int = 2, max_split: int = MAX_SPLIT_K) -> int:
     if split_k is None:
-        target = 2 * _num_sms(device)
+        target = programs_per_sm * _num_sms(device)
         split = 1
         if m <= SPLIT_K_MAX_ROWS and tiles < target:
-            split = min(MAX_SPLIT_K, triton.cdiv(target, tiles))
+            split = min(max_split, triton.cdiv(target, tiles))
     else:
         split = int(split_k)
         assert split >= 1, f"split_k must be >= 1, got {split_k}"
@@ -462,38 +510,40 @@ def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
     if gemv:
         block_k, group_mode = _choose_block_k(cfg.block_k, k, pack, gs, False, min_rows=pack)
         gemv = group_mode == 0  # every K tile inside one group
-    if gemv:
-        block_m, unpack = _next_pow2(m), 2  # a compile per row count up to block_m: no wasted rows
-    else:
+    if not gemv:
         unpack = UNPACKINGS.index(cfg.unpack if cfg.kind == "dot" else "nibble")
         block_m = max(16, cfg.block_m)
         # nibble unpacking dots BLOCK_K // pack rows at a time: at least 16 (tl.dot's minimum)
         block_k, group_mode = _choose_block_k(cfg.block_k, k, pack, gs, g_idx is not None,
                                               min_rows=16 * pack if unpack == 2 else 16)
-    tiles_n, tiles_m = triton.cdiv(n, cfg.block_n), (1 if gemv else triton.cdiv(m, block_m))
+    tiles_n, tiles_m = triton.cdiv(n, cfg.block_n), (m if gemv else triton.cdiv(m, block_m))
     k_tiles = triton.cdiv(k, block_k)
-    split = _choose_split_k(split_k, m, tiles_n * tiles_m, k_tiles, x.device)
+    if gemv:  # short programs: more of them in flight per SM hide the loads' latency
+        split = _choose_split_k(split_k, m, tiles_n * tiles_m, k_tiles, x.device,
+                                GEMV_PROGRAMS_PER_SM, GEMV_MAX_SPLIT_K)
+    else:
+        split = _choose_split_k(split_k, m, tiles_n * tiles_m, k_tiles, x.device)
     if tiles_n * tiles_m > MAX_SPLIT_TILES:
         split = 1
     tiles_per_split = triton.cdiv(k_tiles, split)
     split = triton.cdiv(k_tiles, tiles_per_split)  # no empty slices
     part = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
     locks = out if split == 1 else _lock_buffer(x.device)
-    common = dict(BITS=bits, HAS_PERM=perm is not None, SPLIT_K=split > 1, BLOCK_M=block_m,
-                  BLOCK_N=cfg.block_n, BLOCK_K=block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    common = dict(BITS=bits, HAS_PERM=perm is not None, SPLIT_K=split > 1, BLOCK_N=cfg.block_n,
+                  BLOCK_K=block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     perm_arg = qweight if perm is None else perm
     if gemv:
-        _gptq_gemv_kernel[(tiles_n, 1, split)](
+        _gptq_gemv_kernel[(tiles_n, m, split)](
             x2, qweight, qzeros, scales, perm_arg, out, part, locks,
-            m, n, k, gs, tiles_per_split * block_k,
-            x2.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0), out.stride(0),
-            SCALE_EACH=cfg.scale_each, **common)
+            m, n, k, gs, tiles_per_split * block_k, ((1 << bits) - 1) << (23 - bits),
+            ((1 << bits) - 1) << (23 - 2 * bits),
+            x2.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0), out.stride(0), **common)
     else:
         _gptq_matmul_kernel[(tiles_n, tiles_m, split)](
             x2, qweight, qzeros, scales, qweight if g_idx is None else g_idx, perm_arg, out, part, locks,
             m, n, k, gs, tiles_per_split * block_k,
             x2.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0), out.stride(0),
-            GROUP_MODE=group_mode, UNPACK=unpack,
+            GROUP_MODE=group_mode, UNPACK=unpack, BLOCK_M=block_m,
             DOT_PREC="ieee" if x.dtype == torch.float32 else None, **common)
     return out.view(*shape[:-1], n)
 
