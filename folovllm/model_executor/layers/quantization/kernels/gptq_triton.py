@@ -228,6 +228,15 @@ def _gptq_matmul_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, perm_ptr, out_ptr, 
                   M, N, stride_om, pid_m * tl.num_programs(0) + pid_n, pid_k, tl.num_programs(2), SPLIT_K)
 
 
+@triton.jit
+def _shift(packed, SH: tl.constexpr):
+    """packed << SH, or >> -SH for a negative SH (the sign bits an arithmetic shift brings in
+    land above the field windows, which the masks clear)."""
+    if SH >= 0:
+        return packed << SH
+    return packed >> (-SH)
+
+
 @triton.jit(do_not_specialize=["M"])
 def _gptq_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, perm_ptr, out_ptr, part_ptr, lock_ptr,
                       M, N, K, group_size, k_per_split, field_hi, field_lo,
@@ -247,9 +256,9 @@ def _gptq_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, perm_ptr, out_ptr, part_ptr,
 
         sum x * s * (q - z) = s * 2**BITS * (a - X') - s * z * X
 
-    the tile's a summed over its rows, then a few operations per output column. field_hi / field_lo are the two windows' masks, passed at run time:
-    as registers they let the AND and the OR fuse into one LOP3 (an instruction takes only one
-    immediate)."""
+    the tile's a summed over its rows, then a few operations per output column. field_hi /
+    field_lo are the two windows' masks, passed at run time: as registers they let the AND and
+    the OR fuse into one LOP3 (an instruction takes only one immediate)."""
     PACK: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     BLOCK_KP: tl.constexpr = BLOCK_K // PACK
@@ -296,21 +305,13 @@ def _gptq_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, perm_ptr, out_ptr, part_ptr,
                 cols = rows
             xj = tl.load(x_row + cols, mask=kp_mask, other=0.0).to(tl.float32)
             if PAIRS and j % 2 == 0:
-                SH = LO - BITS * j         # field j to the low window, field j + 1 to the top
-                if SH >= 0:
-                    f = packed << SH
-                else:
-                    f = packed >> (-SH)    # sign bits shifted in land above the windows: masked off
+                f = _shift(packed, LO - BITS * j)  # field j to the low window, j + 1 to the top
                 x_lo += xj
                 w = ((f & field_lo) | ONE_BITS).to(tl.float32, bitcast=True)  # 1 + q / 2**(2 BITS)
                 a += (xj * SCALE)[:, None] * w
             else:
                 if not PAIRS:
-                    SH = HI - BITS * j
-                    if SH >= 0:
-                        f = packed << SH
-                    else:
-                        f = packed >> (-SH)
+                    f = _shift(packed, HI - BITS * j)
                 x_hi += xj
                 w = ((f & field_hi) | ONE_BITS).to(tl.float32, bitcast=True)  # 1 + q / 2**BITS
                 a += xj[:, None] * w
