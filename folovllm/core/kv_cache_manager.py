@@ -91,6 +91,10 @@ class KVCacheManager:
         if new_computed_blocks:
             self.block_pool.touch(new_computed_blocks)
             req_blocks.extend(new_computed_blocks)
+            if self.enable_caching and len(req_blocks) == len(new_computed_blocks):
+                # all of its blocks are hits, in the cache already under these hashes
+                rid = request.request_id
+                self.num_cached_block[rid] = max(self.num_cached_block.get(rid, 0), len(req_blocks))
         new_blocks = self.block_pool.get_new_blocks(max(num_new_blocks, 0))
         req_blocks.extend(new_blocks)
         if self.enable_caching:

@@ -18,6 +18,10 @@ def _token_ids(ids) -> list[int]:
     """Token ids as plain ints; a float, a bool or a string among them is an error, not a guess."""
     if not isinstance(ids, (list, tuple)):
         raise ValueError(f"prompt_token_ids must be a list of ints, got {type(ids).__name__}")
+    if set(map(type, ids)) <= {int}:
+        # The usual case, checked in C: a 2k-token prompt's ids walked one by one in Python cost
+        # ~0.5 ms, most of the host time a batch of prompts spends before its first step.
+        return list(ids)
     out = []
     for i, t in enumerate(ids):
         if type(t) is not int and (not isinstance(t, Integral) or isinstance(t, bool)):
@@ -71,8 +75,8 @@ class Processor:
         if len(token_ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(token_ids)} tokens, but max_model_len is {self.max_model_len}, "
                              "which leaves no room for output; shorten the prompt or raise max_model_len")
-        bad = next((t for t in token_ids if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
+        if min(token_ids) < 0 or max(token_ids) >= self.vocab_size:
+            bad = next(t for t in token_ids if not 0 <= t < self.vocab_size)
             raise ValueError(f"prompt token id {bad} is outside the model's vocabulary [0, {self.vocab_size})")
         # Each request owns its params: the engine adds this model's EOS ids to them.
         params = copy.copy(params)

@@ -6,7 +6,7 @@ Block size 4; counts are worked out by hand."""
 from __future__ import annotations
 
 from folovllm.config import CacheConfig, SchedulerConfig
-from folovllm.core import kv_cache_utils
+from folovllm.core import kv_cache_manager, kv_cache_utils
 from folovllm.core.block_pool import BlockPool
 from folovllm.core.kv_cache_manager import KVCacheManager
 from folovllm.core.sched.output import ModelRunnerOutput
@@ -39,17 +39,18 @@ def test_each_full_block_is_hashed_and_cached_once(monkeypatch):
     entries in all, not one walk over every full block each time a block fills (that would be
     1 + 2 + ... + 11 = 66)."""
     num_hashed, num_cached = [0], [0]
-    real_hash, real_cache = kv_cache_utils.hash_block_tokens, BlockPool.cache_block
+    real_extend, real_cache = kv_cache_manager.extend_block_hashes, BlockPool.cache_block
 
-    def counting_hash(*args):
-        num_hashed[0] += 1
-        return real_hash(*args)
+    def counting_extend(hashes, *args):
+        before = len(hashes)
+        real_extend(hashes, *args)
+        num_hashed[0] += len(hashes) - before
 
     def counting_cache(self, block, block_hash):
         num_cached[0] += 1
         return real_cache(self, block, block_hash)
 
-    monkeypatch.setattr(kv_cache_utils, "hash_block_tokens", counting_hash)
+    monkeypatch.setattr(kv_cache_manager, "extend_block_hashes", counting_extend)
     monkeypatch.setattr(BlockPool, "cache_block", counting_cache)
     s = make_scheduler()
     r = Request("a", [10, 11, 12, 13, 14, 15], SamplingParams(max_tokens=39, ignore_eos=True))
@@ -60,6 +61,45 @@ def test_each_full_block_is_hashed_and_cached_once(monkeypatch):
             # Every block full of known tokens is in the cache by now.
             assert num_cached[0] == r.num_computed_tokens // BS == num_hashed[0]
     assert num_cached[0] == num_hashed[0] == 11  # 6 + 38 computed = 44 = 11 x 4 (the 39th is not)
+
+
+def test_cache_hits_are_not_entered_again(monkeypatch):
+    """A request admitted on 2 cached blocks enters only the blocks it fills itself: its
+    12-token prompt has 3 full blocks, 2 of them hits, so 1 cache entry (not 3)."""
+    entered = []
+    real_cache = BlockPool.cache_block
+    monkeypatch.setattr(BlockPool, "cache_block", lambda self, b, h: (entered.append(b.block_id), real_cache(self, b, h)))
+    m = KVCacheManager(num_blocks=16, block_size=BS, enable_caching=True)
+    a = Request("a", list(range(40, 49)), SamplingParams())     # 9 tokens: 2 full blocks
+    m.allocate_slots(a, 9)
+    assert len(entered) == 2
+    b = Request("b", list(range(40, 52)), SamplingParams())     # a's 8 tokens + 4 of its own
+    hits, num_cached = m.get_computed_blocks(b)
+    assert num_cached == 8
+    entered.clear()
+    new = m.allocate_slots(b, 4, hits)
+    assert entered == [new[0].block_id]
+    assert m.get_block_ids("b")[:2] == m.get_block_ids("a")[:2]
+
+
+def test_block_hashes_chain_each_block_on_its_parent():
+    """extend_block_hashes gives the chain of hash_block_tokens (each block's hash over its
+    parent's, the salt in the first), whether the blocks are hashed at once or a few at a time,
+    and leaves a partial block unhashed."""
+    tokens = list(range(100, 123))  # 5 full blocks of 4 and 3 tokens over
+    parent, chain = None, []
+    for i in range(5):
+        parent = kv_cache_utils.hash_block_tokens(parent, tokens[4 * i:4 * i + 4], ("s",) if i == 0 else None)
+        chain.append(parent)
+    at_once: list[int] = []
+    kv_cache_utils.extend_block_hashes(at_once, BS, tokens, ("s",))
+    in_steps: list[int] = []
+    for n in (3, 9, 9, 16, 23):
+        kv_cache_utils.extend_block_hashes(in_steps, BS, tokens[:n], ("s",))
+    assert at_once == in_steps == chain
+    unsalted: list[int] = []
+    kv_cache_utils.extend_block_hashes(unsalted, BS, tokens)
+    assert unsalted[0] != chain[0] and len(unsalted) == 5
 
 
 def test_a_cache_salt_keeps_blocks_apart():
