@@ -17,6 +17,8 @@ seq_lens read in the kernel):
   * general  (max_query_len > 1): grid (T // BLOCK_Q + num_reqs, KVH). Request i's q-tiles start at
     program query_start_loc[i] // BLOCK_Q + i, an upper bound that never lets two requests share a
     tile; each program finds its request by binary search and exits if it has no rows.
+  * mixed    (max_query_len > 1, several requests): the decode launch for the one-row requests,
+    then the general launch for the others, each kernel skipping the other's requests (ROWS).
   * decode   (max_query_len == 1): grid (num_reqs, KVH), one program per request and KV head.
   * split    (decode with fewer than 2 (request, KV head) programs per SM): grid (num_reqs, KVH,
     NUM_SEGMENTS); each program covers 1/NUM_SEGMENTS of the context and writes its (m, l, acc)
@@ -95,6 +97,7 @@ def _unified_attention_kernel(
     G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     DECODE: tl.constexpr, NUM_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ROWS: tl.constexpr = 0,  # 0: every request; 1: only one-row (decode) requests; 2: all others
 ):
     # Reversed so the last q-tiles of a prompt, which see the most keys, start first and the short
     # ones fill in behind them (fewer idle SMs at the tail of a causal prefill).
@@ -122,6 +125,12 @@ def _unified_attention_kernel(
     q_len = tl.load(qsl_ptr + req + 1) - q_start
     if q_block * BLOCK_Q >= q_len:   # past this request's rows (or a zero-length padding request)
         return
+    if ROWS == 1:
+        if q_len != 1:
+            return
+    if ROWS == 2:
+        if q_len == 1:
+            return
     seq_len = tl.load(seq_lens_ptr + req)
     ctx_start = seq_len - q_len      # position of the request's first query row
 
@@ -268,6 +277,9 @@ def choose_config(num_reqs: int, num_kv_heads: int, max_query_len: int,
     pure-decode batch of a given size the answer is always the same (a captured CUDA graph stays
     valid).
 
+    A batch with a prompt row runs "mixed" (the decode tiles for its one-row requests, the
+    prefill tiles for the rest) when it has several requests, "general" when it has one.
+
     A decode batch with at least two (request, KV head) programs per SM streams the cache well
     on its own, unless one context is much longer than the rest: one program per context would
     leave that one running long after the others (a straggler). So when max_seq_len exceeds
@@ -278,7 +290,7 @@ def choose_config(num_reqs: int, num_kv_heads: int, max_query_len: int,
     measured batch size but one (32 requests at 1k context: 4% slower than plain decode); see
     docs/attention.md."""
     if max_query_len > 1:
-        return "general", PREFILL_CONFIG
+        return ("mixed" if num_reqs > 1 else "general"), PREFILL_CONFIG
     programs, sms = num_reqs * num_kv_heads, _num_sms(device)
     if programs >= 2 * sms:
         if max_seq_len is None or max_seq_len <= DECODE_SPLIT_MIN_LEN:
@@ -293,7 +305,7 @@ def unified_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Te
                       query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                       block_table: torch.Tensor, scale: float, max_query_len: int,
                       path: str | None = None, config: AttentionConfig | None = None,
-                      max_seq_len: int | None = None) -> torch.Tensor:
+                      max_seq_len: int | None = None, _rows: int = 0) -> torch.Tensor:
     """out[rows of request i] = causal softmax(q k^T * scale) v over request i's paged context.
 
     query/out [T, H, D]; kv_cache [2, num_blocks, block_size, KVH, D]; query_start_loc
@@ -318,6 +330,16 @@ def unified_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Te
             chosen_config = replace(DECODE_CONFIG, num_segments=16)
         path, config = path or chosen_path, config or chosen_config
     assert path != "split" or config.num_segments > 1
+    if path == "mixed":
+        # Two launches over the same batch, each skipping the other's requests (read on the
+        # device, so a captured graph serves any mix): one-row requests on the decode tiles
+        # (BLOCK_M 16), the rest on the prefill tiles. On the general path alone a decode row
+        # takes a 64-row tile of which G rows are real; 64 decodes next to a prompt chunk cost
+        # ~1 ms of a ~10 ms step that way (Qwen3-0.6B, H200).
+        unified_attention(query, kv_cache, out, query_start_loc, seq_lens, block_table, scale, 1,
+                          path="decode", config=DECODE_CONFIG, max_seq_len=max_seq_len, _rows=1)
+        return unified_attention(query, kv_cache, out, query_start_loc, seq_lens, block_table, scale,
+                                 max_query_len, path="general", config=config, max_seq_len=max_seq_len, _rows=2)
     decode = path in ("decode", "split")
     num_segments = config.num_segments if path == "split" else 1
     block_m = max(config.block_m, triton.next_power_of_2(g), 16)
@@ -340,7 +362,7 @@ def unified_attention(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Te
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_table.stride(0),
         G=g, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=config.block_n, DECODE=decode,
-        NUM_SEGMENTS=num_segments,
+        NUM_SEGMENTS=num_segments, ROWS=_rows,
         # A float32 cache asks for float32 results: full-precision products, not TF32.
         DOT_PRECISION="ieee" if kv_cache.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages,
