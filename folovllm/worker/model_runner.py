@@ -98,14 +98,16 @@ class ModelRunner:
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         """One [2, num_blocks, block_size, KVH, D] tensor per layer, bound to its attention layer.
-        Zeroed: masked-out slots are still read, and 0 * NaN from stale memory would be NaN."""
+        On a GPU zeroed: its kernels read masked-out slots, and 0 * NaN from stale memory would be
+        NaN. On a CPU (the torch backend) left as allocated, so the OS commits pages only as blocks
+        are first written (the engine's default cache there is GiBs): that backend reads only
+        written slots (a decode row's padding repeats its first slot; a prefill reads its own
+        context, all written)."""
         dtype = self.dtype
         for layer in self.attn_layers:
             shape = (2, num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
-            if self.device.type == "cpu" and dtype == torch.float32:
-                # numpy's zeros come from calloc: the OS commits pages as blocks are first used,
-                # instead of torch.zeros writing gigabytes up front.
-                cache = torch.from_numpy(np.zeros(shape, dtype=np.float32))
+            if self.device.type == "cpu":
+                cache = torch.empty(shape, dtype=dtype)
             else:
                 cache = torch.zeros(shape, dtype=dtype, device=self.device)
             layer.kv_cache = cache
