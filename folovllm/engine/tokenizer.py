@@ -22,11 +22,24 @@ def load_tokenizer(mc: ModelConfig):
     path = mc.tokenizer or mc.model
     if path.endswith(".gguf"):
         from folovllm.model_executor.model_loader.gguf_loader import load_gguf_tokenizer
-        return load_gguf_tokenizer(path)
+        return release_build_inputs(load_gguf_tokenizer(path))
     if mc.tokenizer is None and not _has_tokenizer_files(Path(path)):
         logger.warning("%s has no tokenizer files: prompts must be token ids", path)
         return None
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=mc.trust_remote_code)
+    return release_build_inputs(AutoTokenizer.from_pretrained(path, trust_remote_code=mc.trust_remote_code))
+
+
+# transformers tokenizer classes that read their Python vocabulary and merges (`_vocab`, `_merges`)
+# only in __init__, to build the Rust tokenizer that does all the work afterwards.
+_BUILD_ONLY_ATTRS = {"Qwen2Tokenizer": ("_vocab", "_merges"), "LlamaTokenizer": ("_vocab", "_merges")}
+
+
+def release_build_inputs(tokenizer):
+    """Drop the Python copies of the vocabulary and merges a tokenizer was built from: for Qwen's
+    151k tokens they held ~65 MB of the process's memory for nothing."""
+    for name in _BUILD_ONLY_ATTRS.get(type(tokenizer).__name__, ()):
+        tokenizer.__dict__.pop(name, None)
+    return tokenizer
 
 
 def _has_tokenizer_files(folder: Path) -> bool:

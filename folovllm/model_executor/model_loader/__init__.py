@@ -58,12 +58,13 @@ def config_dtype(hf_config) -> torch.dtype | None:
     return dtype if isinstance(dtype, torch.dtype) else None
 
 
-def iterate_weights(model_config: ModelConfig):
+def iterate_weights(model_config: ModelConfig, skip: frozenset[str] = frozenset()):
+    """(name, tensor) of every checkpoint weight; a GGUF file does not read the names in `skip`."""
     fmt = load_format_of(model_config)
     if fmt == "gguf":
         from folovllm.model_executor.model_loader.gguf_loader import iterate_gguf_weights
         dtype = model_config.dtype if model_config.dtype in (torch.float16, torch.bfloat16) else torch.float32
-        return iterate_gguf_weights(model_config.model, dtype)
+        return iterate_gguf_weights(model_config.model, dtype, skip)
     from folovllm.model_executor.model_loader.safetensors_loader import iterate_safetensors_weights
     return iterate_safetensors_weights(model_config.model)
 
@@ -108,7 +109,7 @@ def numpy_backed(shape, dtype: torch.dtype) -> torch.Tensor:
     return torch.from_numpy(np.empty(shape, dtype=torch.empty((), dtype=dtype).numpy().dtype))
 
 
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 
 
 @contextlib.contextmanager
@@ -133,6 +134,7 @@ def returning_freed_memory(device: torch.device):
     finally:
         if libc is not None:
             libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+            libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
             libc.malloc_trim(0)
 
 
@@ -165,6 +167,24 @@ def skip_stray_biases(model: nn.Module, weights):
             if target not in params and not torch.count_nonzero(tensor):
                 continue
         yield name, tensor
+        del tensor  # not held while the next one is read
+
+
+EMBEDDING_WEIGHT = "model.embed_tokens.weight"
+
+
+def embedding_from_file(model: nn.Module, model_config: ModelConfig, device: torch.device) -> str | None:
+    """The embedding table's name when the model looks its rows up in the GGUF file instead of
+    holding the table (gguf_loader.GGUFEmbeddingRows; same values): a GGUF model on CPU, on one
+    rank, whose LM head does not read the table (untied, or a quantized copy of its own). Else None."""
+    inner = getattr(model, "model", None)
+    if (load_format_of(model_config) != "gguf" or device.type != "cpu" or not hasattr(inner, "embedding_rows")
+            or getattr(inner.embed_tokens, "tp_size", 1) != 1):
+        return None
+    head = getattr(model, "lm_head", None)
+    if head is None or head.weight is inner.embed_tokens.weight:  # tied: the head is built from it
+        return None
+    return EMBEDDING_WEIGHT
 
 
 def get_model(model_config: ModelConfig, attn_impl, device: torch.device) -> nn.Module:
@@ -185,15 +205,22 @@ def get_model(model_config: ModelConfig, attn_impl, device: torch.device) -> nn.
                 if param.numel() * param.element_size() >= 2**21:
                     # Assigning .data keeps the Parameter object, so its layout attributes too.
                     param.data = numpy_backed(tuple(param.shape), param.dtype)
+        rows_of = embedding_from_file(model, model_config, device)
         if load_format_of(model_config) == "dummy":
             initialize_dummy_weights(model, model_config.seed)
         else:
-            loaded = model.load_weights(skip_stray_biases(model, iterate_weights(model_config)))
+            skip = frozenset([rows_of]) if rows_of else frozenset()
+            loaded = model.load_weights(skip_stray_biases(model, iterate_weights(model_config, skip))) | skip
             missing = model.expected_weight_names() - loaded
             if missing:
                 raise ValueError(f"the checkpoint at {model_config.model} lacks {len(missing)} weight(s), e.g. "
                                  f"{sorted(missing)[:5]}; the files are incomplete or belong to another model")
         process_weights_after_loading(model)
+        if rows_of:
+            from folovllm.model_executor.model_loader.gguf_loader import GGUFEmbeddingRows
+            embed = model.model.embed_tokens
+            model.model.embedding_rows = GGUFEmbeddingRows(model_config.model, rows_of, embed.weight.dtype)
+            embed.weight.data = torch.empty(0, dtype=embed.weight.dtype)
     if device.type == "cpu" and model_config.quantization in ("int8", "int4", "gptq") \
             and model_config.dtype != torch.bfloat16:
         logger.warning("%s weights with %s activations run PyTorch's slow CPU path (the int8/int4 kernels are "

@@ -29,6 +29,22 @@ def maybe_prefix(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
+def neox_factors(cos_sin_cache: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, 1, D] float32 (cos, cos) and (-sin, sin) of the positions, for rotate_neox."""
+    cos, sin = cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)
+    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
+
+
+def rotate_neox(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, N, D] rotated as RotaryEmbedding does (halves x1, x2 -> x1 cos - x2 sin,
+    x2 cos + x1 sin, in float32), bit for bit, in a third of its ops: on CPU each op costs ~2 us
+    however small, and a decode step runs these for every layer."""
+    xf = x.float()
+    half = x.shape[-1] // 2
+    swapped = torch.cat([xf[..., half:], xf[..., :half]], dim=-1)
+    return (xf * cos + swapped * sin).to(x.dtype)
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, config, attn_impl: type[AttentionImpl], dtype: torch.dtype,
                  rotary_emb: RotaryEmbedding, qkv_bias: bool, qk_norm: bool, o_bias: bool,
@@ -56,8 +72,16 @@ class LlamaAttention(nn.Module):
                               prefix=maybe_prefix(prefix, "attn"))
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
-                attn_metadata: AttentionMetadata | None) -> torch.Tensor:
-        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+                attn_metadata: AttentionMetadata | None, rope: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> torch.Tensor:
+        qkv = self.qkv_proj(hidden)
+        if rope is not None and self.q_norm is None:
+            # CPU: q and k side by side in qkv's output, rotated as one [T, H + KVH, D] tensor.
+            t, qk_size = qkv.shape[0], self.q_size + self.kv_size
+            qk = rotate_neox(qkv[:, :qk_size].view(t, -1, self.head_dim), *rope)
+            q, k, v = qk[:, :self.num_heads], qk[:, self.num_heads:], qkv[:, qk_size:]
+            return self.o_proj(self.attn(q, k, v, attn_metadata))
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         kv_written = False
         if q.is_cuda:
             # One kernel for q/k norm and rotary, in place on the column slices of the qkv output;
@@ -74,7 +98,12 @@ class LlamaAttention(nn.Module):
             if self.q_norm is not None:
                 q = self.q_norm(q.reshape(-1, self.head_dim)).view(q.shape)
                 k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)
-            q, k = self.rotary_emb(positions, q, k)
+            if rope is not None:
+                t = q.shape[0]
+                q = rotate_neox(q.view(t, -1, self.head_dim), *rope)
+                k = rotate_neox(k.view(t, -1, self.head_dim), *rope)
+            else:
+                q, k = self.rotary_emb(positions, q, k)
         return self.o_proj(self.attn(q, k, v, attn_metadata, kv_written))
 
 
@@ -97,7 +126,9 @@ class LlamaMLP(nn.Module):
         if x.is_cuda:
             return self.down_proj(self.act_fn(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj.forward_parts(x)
-        return self.down_proj(F.silu(gate) * up)
+        # In place in the gate's half: a prefill of 1,600 tokens would otherwise hold two more
+        # [T, intermediate] tensors (31 MB on Qwen2.5-0.5B) at its peak.
+        return self.down_proj(F.silu(gate, inplace=True).mul_(up))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -110,13 +141,13 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
-    def forward(self, positions, hidden, residual, attn_metadata):
+    def forward(self, positions, hidden, residual, attn_metadata, rope=None):
         if residual is None:
             residual = hidden
             hidden = self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, attn_metadata)
+        hidden = self.self_attn(positions, hidden, attn_metadata, rope)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -130,17 +161,23 @@ class LlamaModel(nn.Module):
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         rotary_emb = RotaryEmbedding(config, head_dim, config.max_position_embeddings, dtype)
+        self.rotary_emb = rotary_emb  # the layers' shared table (a module registered here too)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, attn_impl, dtype, rotary_emb, quant_config, maybe_prefix(prefix, f"layers.{i}"),
                               **attn_switches)
             for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        # ids -> embedding rows, in place of embed_tokens' table when the loader keeps the table
+        # in the checkpoint file (a GGUF file on CPU: model_loader.embedding_from_file).
+        self.embedding_rows = None
 
     def forward(self, input_ids, positions, attn_metadata):
-        hidden = self.embed_tokens(input_ids)
+        hidden = self.embed_tokens(input_ids) if self.embedding_rows is None else self.embedding_rows(input_ids)
         residual = None
+        # CPU: the step's rotary factors once for every layer (CUDA: fused into one kernel a layer).
+        rope = None if hidden.is_cuda else neox_factors(self.rotary_emb.cos_sin_cache, positions)
         for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual, attn_metadata)
+            hidden, residual = layer(positions, hidden, residual, attn_metadata, rope)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
@@ -183,18 +220,21 @@ class LlamaForCausalLM(nn.Module):
         tied = getattr(self.config, "tie_word_embeddings", False)
         loaded: set[str] = set()
         for name, tensor in weights:
-            if "rotary_emb.inv_freq" in name or (tied and name == "lm_head.weight"):
-                continue
-            for merged, part, shard in self.stacked_params_mapping:
-                if f".{part}." in name:
-                    target = name.replace(f".{part}.", f".{merged}.")
-                    self._load(params, target, tensor, name, shard)
-                    loaded.add(f"{target}#{shard}")
-                    break
-            else:
-                self._load(params, name, tensor, name, None)
-                loaded.add(name)
+            if not ("rotary_emb.inv_freq" in name or (tied and name == "lm_head.weight")):
+                loaded.add(self._load_named(params, name, tensor))
+            # Not held while the loader builds the next tensor (a float LM head or embedding
+            # table is 0.27 GB in bfloat16 on Qwen2.5-0.5B).
+            del tensor
         return loaded
+
+    def _load_named(self, params, name: str, tensor: torch.Tensor) -> str:
+        for merged, part, shard in self.stacked_params_mapping:
+            if f".{part}." in name:
+                target = name.replace(f".{part}.", f".{merged}.")
+                self._load(params, target, tensor, name, shard)
+                return f"{target}#{shard}"
+        self._load(params, name, tensor, name, None)
+        return name
 
     def _load(self, params, target: str, tensor: torch.Tensor, name: str, shard: int | None) -> None:
         param = params.get(target)

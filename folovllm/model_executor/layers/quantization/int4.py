@@ -48,7 +48,7 @@ BLOCK_N = 64  # output rows per block of the CPU kernel's packed layout
 # prefill took 0.45 s on the kernel, 1.0 s dequantized. With float32 activations the kernel took
 # ~4 ms a row, dequantizing 6-13 ms.
 DENSE_FROM_ROWS = {torch.bfloat16: 256}  # other dtypes: 3
-CHUNK_ELEMENTS = 1 << 22
+CHUNK_ELEMENTS = 1 << 20
 
 
 def pick_group_size(input_size: int, largest: int = GROUP_SIZES[0]) -> int:
