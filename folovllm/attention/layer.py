@@ -38,9 +38,17 @@ class Attention(nn.Module):
         if attn_metadata is None or self.kv_cache is None:
             # Memory profiling before the cache exists: causal attention over the batch as one
             # sequence costs what a prefill of this size costs.
+            # On CUDA it must take a flash kernel, O(T) memory: given 3-D inputs, or enable_gqa,
+            # SDPA fell back to the math kernel, which holds [H, T, T] float32 scores (100 GiB
+            # for a 40960-token profile; at 8192 tokens 4 GiB or more of KV cache lost).
+            # So 4-D inputs, and K/V repeated to every query head.
+            gqa = self.num_heads != self.num_kv_heads
+            if gqa and q.is_cuda:
+                g = self.num_heads // self.num_kv_heads
+                k, v, gqa = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1), False
             o = torch.nn.functional.scaled_dot_product_attention(
-                q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True,
-                scale=self.impl.scale, enable_gqa=self.num_heads != self.num_kv_heads).transpose(0, 1)
+                q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], is_causal=True,
+                scale=self.impl.scale, enable_gqa=gqa)[0].transpose(0, 1)
         else:
             o = self.impl.forward(q, k, v, self.kv_cache, attn_metadata, kv_written)
         return o.reshape(num_tokens, self.num_heads * self.head_dim)
