@@ -187,8 +187,9 @@ def register(subparsers) -> None:
     ch.add_argument("--long-output-len", type=int, default=16)
     ch.add_argument("--arrival-interval-ms", type=float, default=250.0)
     ch.add_argument("--window-s", type=float, default=1.5, help="gaps counted from the first arrival this long")
-    ch.add_argument("--chunked-budget", type=int, default=2048,
-                    help="max_num_batched_tokens of the chunked mode (the unchunked one uses max_model_len)")
+    ch.add_argument("--chunked-budget", type=int, default=1024,
+                    help="max_num_batched_tokens of the chunked mode (default: folovllm serve's; the "
+                         "unchunked one uses max_model_len)")
     ch.add_argument("--modes", type=_modes(("chunked", "unchunked")), default=["chunked", "unchunked"],
                     help="chunked, unchunked or both (default: both; --enable-chunked-prefill and "
                          "--max-num-batched-tokens are ignored)")

@@ -21,8 +21,8 @@ def budget(argv: list[str], serve: bool) -> int:
 def test_the_server_takes_the_streaming_budget_offline_keeps_its_own(tiny_models):
     model = tiny_models["qwen3"][0]
     common = ["--load-format", "dummy", "--max-model-len", "256"]
-    assert SERVER_MAX_NUM_BATCHED_TOKENS == 2048
-    assert budget(["serve", "--model", model, *common], serve=True) == 2048
+    assert SERVER_MAX_NUM_BATCHED_TOKENS == 1024
+    assert budget(["serve", "--model", model, *common], serve=True) == 1024
     assert budget(["generate", "--model", model, "--prompt", "x", *common], serve=False) == 8192
     # the user's budget wins; without chunked prefill the budget must hold a whole prompt
     assert budget(["serve", "--model", model, *common, "--max-num-batched-tokens", "512"], serve=True) == 512
