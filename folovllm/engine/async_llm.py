@@ -82,6 +82,15 @@ class AsyncLLM(EngineFrontend):
         if self._dead is not None:
             raise EngineDeadError(f"the engine stopped on an error: {self._dead!r}")
 
+    def check_health(self) -> None:
+        """Raise EngineDeadError if the engine can no longer serve: its core loop stopped on an
+        error, or (engine core in its own process) that process has exited, which is noticed
+        here even when no request was running to hear of it."""
+        if self._dead is None and self.engine_core_mode == "process" and not self.engine_core.is_alive():
+            self._dead = RuntimeError(f"the engine-core process died (exit code {self.engine_core._exitcode()})")
+        if self._dead is not None:
+            raise EngineDeadError(f"the engine stopped on an error: {self._dead!r}")
+
     def _from_core_thread(self, outputs: EngineCoreOutputs) -> None:
         try:
             self._loop.call_soon_threadsafe(self._on_core_outputs, outputs)

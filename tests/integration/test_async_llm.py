@@ -139,12 +139,15 @@ def test_a_dead_engine_fails_every_stream(tiny_models, monkeypatch):
         raise RuntimeError("the device fell over")
 
     monkeypatch.setattr(llm.engine_core, "step", broken_step)
+    llm.check_health()  # nothing has failed yet
 
     async def main():
         with pytest.raises(EngineDeadError, match="the device fell over"):
             await asyncio.wait_for(collect(llm, [5, 6, 7], SamplingParams(max_tokens=3)), timeout=10)
         with pytest.raises(EngineDeadError):
             await collect(llm, [5], SamplingParams(max_tokens=3))
+        with pytest.raises(EngineDeadError, match="the device fell over"):
+            llm.check_health()
 
     try:
         asyncio.run(main())

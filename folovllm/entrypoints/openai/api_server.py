@@ -3,7 +3,7 @@
     GET  /v1/models              the one served model
     POST /v1/completions         text or token-id prompts (a batch: one choice per prompt)
     POST /v1/chat/completions    messages through the tokenizer's chat template (or --chat-template)
-    GET  /health  GET /metrics   open even with --api-key (Prometheus text, vLLM's names: metrics.py)
+    GET  /health (200, or 503 once the engine is dead)  GET /metrics   open even with --api-key (Prometheus text, vLLM's names: metrics.py)
     POST /tokenize  POST /detokenize
 
 Streaming is server-sent events ending in `data: [DONE]`. Each prompt of a request is one engine
@@ -33,6 +33,7 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from folovllm.engine.async_llm import EngineDeadError
 from folovllm.entrypoints.chat_utils import apply_chat_template
 from folovllm.entrypoints.openai import protocol as p
 from folovllm.entrypoints.openai import DEFAULT_MAX_BODY_BYTES
@@ -189,6 +190,12 @@ def build_app(engine, served_model_name: str, api_key: str | None = None,
 
     @app.get("/health")
     async def health():
+        # vLLM's contract: 200 while the engine can serve, 503 once it cannot (a load balancer
+        # or supervisor then takes this server out and restarts it).
+        try:
+            engine.check_health()
+        except EngineDeadError as e:
+            return Response(str(e), status_code=503, media_type="text/plain")
         return Response(status_code=200)
 
     @app.get("/metrics")
