@@ -12,8 +12,8 @@ from numbers import Integral, Real
 
 _GREEDY_EPS = 1e-5
 # torch.Generator.manual_seed takes any 64-bit value; 2**64 and up overflow inside it. (On the
-# CPU torch's mt19937 keeps only the low 32 bits, so seeds that differ only above them draw the
-# same tokens there; CUDA's Philox generator uses all 64.)
+# CPU torch's mt19937 keeps only the low 32 bits, so the runner folds the high 32 into them there;
+# CUDA's Philox generator uses all 64.)
 _SEED_LIMIT = 2**64
 
 _BOOL_FIELDS = ("ignore_eos", "detokenize", "skip_special_tokens", "spaces_between_special_tokens",

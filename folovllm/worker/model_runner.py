@@ -128,7 +128,13 @@ class ModelRunner:
             params = new.sampling_params
             generator = None
             if params.seed is not None and not params.greedy:
-                generator = torch.Generator(device=self.device).manual_seed(params.seed)
+                seed = params.seed
+                if self.device.type == "cpu":
+                    # The CPU generator (mt19937) keeps only the low 32 bits of a seed: fold the
+                    # high ones in, so seeds that differ only there still draw differently
+                    # (seeds below 2**32 are unchanged).
+                    seed = (seed ^ (seed >> 32)) & 0xFFFFFFFF
+                generator = torch.Generator(device=self.device).manual_seed(seed)
             batch.add_request(new.req_id, new.prompt_token_ids, params, new.block_ids,
                               new.num_computed_tokens, generator)
         if any(c.resumed_from_preemption for c in so.scheduled_cached_reqs):

@@ -75,6 +75,17 @@ def test_same_seed_same_tokens_whatever_the_batch(engine):
     assert engine.generate(ids(7, 8, 9), other_seed).outputs[0].token_ids != alone
 
 
+def test_seeds_that_differ_only_above_32_bits_draw_differently(engine):
+    """The CPU generator keeps 32 bits of a seed; the runner folds the high ones in, so these do
+    not collide."""
+    def draw(seed):
+        p = SamplingParams(temperature=1.0, seed=seed, max_tokens=16, ignore_eos=True)
+        return engine.generate(ids(7, 8, 9), p).outputs[0].token_ids
+
+    low = draw(1234)
+    assert draw(1234 + 2**32) != low and draw(1234 + 2**40) != low and draw(1234 + 2**32) != draw(1234 + 2**40)
+
+
 def test_stop_token_ids_and_eos(engine):
     greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     toks = engine.generate(ids(5, 6, 7), greedy).outputs[0].token_ids
