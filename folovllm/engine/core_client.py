@@ -48,7 +48,7 @@ def run_engine_core(config: EngineConfig, commands, outputs, parent_pid: int) ->
     error is sent before the process ends)."""
     import signal
 
-    from folovllm.engine.core import EngineCore
+    from folovllm.engine.core import EngineCore, freeze_startup_heap
 
     # Ctrl-C reaches the whole process group: the parent decides (it aborts what is in flight
     # and then tells this process to stop), so the child does not die half-way through a step.
@@ -58,6 +58,8 @@ def run_engine_core(config: EngineConfig, commands, outputs, parent_pid: int) ->
     except BaseException as e:  # noqa: BLE001  the parent must hear why
         outputs.send(("failed", f"{type(e).__name__}: {e}"))
         return
+    # This process lives to serve: what start-up left need not be walked by every full collection.
+    core.startup_times["gc_freeze"] = freeze_startup_heap()
     outputs.send(("ready", config.cache_config.num_gpu_blocks, core.startup_times))
     try:
         while True:

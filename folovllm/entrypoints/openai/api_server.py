@@ -416,6 +416,8 @@ def run_server(args: argparse.Namespace) -> int:
     app = build_app(engine, args.served_model_name or args.model, api_key=args.api_key,
                     max_body_bytes=args.max_request_body_bytes, chat_template=chat_template)
     app.state.on_shutdown.append(engine.shutdown)
+    from folovllm.engine.core import freeze_startup_heap
+    freeze_startup_heap()  # the server's process serves for long too (see the engine-core process)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
