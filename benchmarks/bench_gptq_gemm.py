@@ -42,9 +42,24 @@ def copies(make, nbytes: int) -> list:
     return [make() for _ in range(max(2, -(-3 * L2_BYTES // nbytes)))]
 
 
-def sweep_configs(m: int) -> list[tuple[gq.GPTQKernelConfig, int | None]]:
+def swap_configs(m: int) -> list[tuple[gq.GPTQKernelConfig, int | None]]:
+    """The swap kernel's grid (the weight tile as the dot's first operand): BLOCK_M the bucket of
+    m (two sizes above 64 rows), BLOCK_K one group of 128."""
+    bms = [16] if m <= 16 else [32] if m <= 32 else [64] if m <= 64 else [64, 128]
+    return [(gq.GPTQKernelConfig(bm, bn, 128, warps, stages, unpack=unpack, kind="swap"), None)
+            for bm, bn, warps, stages, unpack in itertools.product(bms, [64, 128, 256], [4, 8], [3, 4],
+                                                                   ["nibble", "reshape"])]
+
+
+def sweep_configs(m: int, kinds: tuple[str, ...] = ("gemv", "dot", "swap", "dequant")
+                  ) -> list[tuple[gq.GPTQKernelConfig, int | None]]:
     """The grid --sweep tries for m rows: GEMV tiles up to 4 rows, tensor-core tiles from 2 rows
-    (with each unpacking), and dequantize-then-cuBLAS for big m."""
+    (with each unpacking, and the swap kernel), and dequantize-then-cuBLAS for big m; only the
+    given kinds."""
+    return [(c, sp) for c, sp in _sweep_configs(m) + (swap_configs(m) if m > 1 else []) if c.kind in kinds]
+
+
+def _sweep_configs(m: int) -> list[tuple[gq.GPTQKernelConfig, int | None]]:
     C = gq.GPTQKernelConfig
     out = []
     if m <= 4:  # the GEMV kernel (one program row per row of x); above GEMV_MAX_ROWS, the dot tiles too
@@ -75,6 +90,8 @@ def main() -> None:
     ap.add_argument("--act-order", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="try a grid of tile configurations too")
     ap.add_argument("--sweep-rows", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--sweep-kinds", nargs="+", default=["gemv", "dot", "swap", "dequant"],
+                    help="kernel kinds the sweep tries (default: all)")
     args = ap.parse_args()
     bw = measure_ceilings("cuda").bandwidth  # the copy ceiling every benchmark reports against
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s; {args.bits}-bit g{args.group_size}"
@@ -98,7 +115,7 @@ def main() -> None:
             rows.append((name, m, t_d, t_q, quant_bytes / (t_q * 1e-6) / bw, 2 * n * k / (t_d * 1e-6) / bw, err))
             if args.sweep and m in args.sweep_rows:
                 best, timings = None, []
-                for cfg, split in sweep_configs(m):
+                for cfg, split in sweep_configs(m, tuple(args.sweep_kinds)):
                     try:
                         e = ((w0.matmul(x, split_k=split, config=cfg).float() - ref).norm() / ref.norm()).item()
                         t = timed(lambda: next(iq).matmul(x, split_k=split, config=cfg))
@@ -113,7 +130,7 @@ def main() -> None:
                 print(f"  {name} m={m}: default {t_q:.1f} us, best {best[0]:.1f} us {best[1]} split={best[2]}",
                       flush=True)
                 # the best of each kind, to choose where one hands over to the next
-                for kind in ("gemv", "dot", "dequant"):
+                for kind in ("gemv", "dot", "swap", "dequant"):
                     ts = [(t, c, sp) for t, c, sp in timings if c.kind == kind]
                     if ts:
                         t, c, sp = min(ts, key=lambda r: r[0])

@@ -23,6 +23,18 @@ TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_la
             rms_norm_eps=1e-6, initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
+class CountedKernel:
+    """Stands in for a Triton kernel in a module (monkeypatch.setattr): counts its launches
+    (kernel[grid](...)) and passes each one on, so a test can tell which kernel a call took."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
 def tiny_config(arch: str, **overrides):
     from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 

@@ -19,6 +19,7 @@ import subprocess
 import sys
 
 import torch
+from conftest import CountedKernel
 from interpret_mode import enter_interpreter, in_process_marker, require, rerun_pytest
 
 _ON_CUDA = os.environ.get("FOLOVLLM_GPTQ_CUDA") == "1"
@@ -174,6 +175,61 @@ def test_gemv_kernel(m, bits, group_size):
     assert rel_err(out, ref) < TOL[x.dtype]
 
 
+HALF_DTYPES = [d for d in DTYPES if d != torch.float32]  # the swap kernel's activations
+
+
+@in_process
+@pytest.mark.parametrize("unpack", ["nibble", "reshape"])
+@pytest.mark.parametrize("bits,group_size", [(4, 128), (4, -1), (8, 64), (2, 256)])
+@pytest.mark.parametrize("m", [2, 19])
+def test_swap_kernel(m, bits, group_size, unpack, monkeypatch):
+    """The tensor-core kernel with the weight as the dot's first operand: each bit field OR-ed
+    into a 16-bit float's mantissa, the tile's zero and scale applied to its sums; one dot per bit
+    field or one per tile; split-K; act-order rows sorted by gptq_prepare (x read through perm)."""
+    counted = CountedKernel(gq._gptq_swap_kernel)
+    monkeypatch.setattr(gq, "_gptq_swap_kernel", counted)
+    cfg = gq.GPTQKernelConfig(16, 32, 128, unpack=unpack, kind="swap")
+    packed, w = make_weight(512, 96, bits, group_size)
+    dtypes = [d for d in HALF_DTYPES if gq._swap_magic(d, bits)]  # 8 bits: fp16 only
+    for dtype in dtypes:
+        for split in (1, 3):
+            check(randx(m, 512, dtype), packed, w, bits, group_size, config=cfg, split_k=split)
+    assert counted.launches == 2 * len(dtypes)
+    if group_size != -1:
+        packed, w = make_weight(512, 32, bits, group_size, "actorder")
+        prepared = gq.gptq_prepare(packed["qweight"], packed["qzeros"], packed["scales"], packed["g_idx"], bits,
+                                   group_size)
+        assert prepared.perm is not None
+        x = randx(m, 512, dtypes[0])
+        assert rel_err(prepared.matmul(x, config=cfg), x.double().cpu() @ w) < TOL[x.dtype]
+        assert counted.launches == 2 * len(dtypes) + 1
+
+
+@in_process
+def test_swap_kernel_by_default_where_it_applies(monkeypatch):
+    """2 to SWAP_MAX_ROWS rows of fp16/bf16 go to the swap kernel; float32 activations, 8-bit
+    weights with bf16 (128 + q is exact in bf16 for q < 128 only), groups narrower than its 16
+    packed rows and an unsorted g_idx go to the general tensor-core kernel instead."""
+    assert gq._swap_applies(torch.float16, 8, 128, 4096, False)
+    assert gq._swap_applies(torch.bfloat16, 4, 128, 4096, False)
+    assert gq._swap_applies(torch.bfloat16, 4, 4096, 4096, False)  # one group
+    assert not gq._swap_applies(torch.bfloat16, 8, 128, 4096, False)
+    assert not gq._swap_applies(torch.float32, 4, 128, 4096, False)
+    assert not gq._swap_applies(torch.float16, 4, 64, 4096, False)    # 4 bits: tiles of 128 rows
+    assert not gq._swap_applies(torch.float16, 4, 128, 4096, True)
+    swap, dot = CountedKernel(gq._gptq_swap_kernel), CountedKernel(gq._gptq_matmul_kernel)
+    monkeypatch.setattr(gq, "_gptq_swap_kernel", swap)
+    monkeypatch.setattr(gq, "_gptq_matmul_kernel", dot)
+    packed, w = make_weight(256, 64, 4, 128)
+    check(randx(5, 256, torch.float16), packed, w, 4, 128)
+    assert (swap.launches, dot.launches) == (1, 0)
+    check(randx(5, 256, DTYPES[0]), packed, w, 4, 128)   # float32 on CPU, bf16 on a GPU (swapped too)
+    assert (swap.launches, dot.launches) == ((2, 0) if DTYPES[0] != torch.float32 else (1, 1))
+    packed, w = make_weight(256, 64, 4, 32)
+    check(randx(5, 256, torch.float16), packed, w, 4, 32)
+    assert dot.launches == (1 if DTYPES[0] != torch.float32 else 2)
+
+
 @in_process
 @pytest.mark.parametrize("g_idx_kind", ["none", "actorder", "random"])
 def test_dequantize_then_matmul(g_idx_kind):
@@ -292,15 +348,19 @@ def test_decode_batches_share_one_compiled_kernel():
     cpu = torch.device("cpu")
     for m in range(1, gq.GEMV_MAX_ROWS + 1):
         assert gq.default_config(m, 4096, 4096).kind == "gemv"
-    assert gq.default_config(gq.DEQUANT_MIN_ROWS, 4096, 4096).kind == "dequant"
-    for n, k in [(6144, 4096), (4096, 12288), (32, 64)]:
-        configs = {gq.default_config(m, n, k) for m in range(gq.GEMV_MAX_ROWS + 1, 17)}
-        assert len(configs) == 1
-        cfg = configs.pop()
-        assert cfg.kind == "dot"
-        assert gq._choose_block_k(cfg.block_k, k, 8, 128 if k > 128 else k, False)[1] == 0  # per-tile groups
-        splits = {gq._choose_split_k(None, m, -(-n // cfg.block_n), -(-k // cfg.block_k), cpu) for m in range(1, 17)}
-        assert len(splits) == 1
+    assert gq.default_config(gq.SWAP_MAX_ROWS + 1, 4096, 4096).kind == "dequant"
+    assert gq.default_config(gq.DEQUANT_MIN_ROWS, 4096, 4096, swap=False).kind == "dequant"
+    for n, k in [(6144, 4096), (4096, 12288), (32, 64), (24576, 4096)]:
+        for swap, rows in [(True, range(gq.GEMV_MAX_ROWS + 1, 17)), (True, range(17, gq.SWAP_MAX_ROWS + 1)),
+                           (False, range(gq.GEMV_MAX_ROWS + 1, 17))]:
+            configs = {gq.default_config(m, n, k, swap) for m in rows}
+            assert len(configs) == 1
+            cfg = configs.pop()
+            assert cfg.kind == ("swap" if swap else "dot")
+            min_rows = 16 * 8 if swap or cfg.unpack == "nibble" else 16
+            assert gq._choose_block_k(cfg.block_k, k, 8, 128 if k > 128 else k, False, min_rows)[1] == 0  # per-tile groups
+            splits = {gq._choose_split_k(None, m, -(-n // cfg.block_n), -(-k // cfg.block_k), cpu) for m in rows}
+            assert len(splits) == 1
     assert gq._choose_split_k(None, 1, 64, 32, cpu) > 1   # one row of 64 tiles: split K
     assert gq._choose_split_k(None, 2048, 512, 64, cpu) == 1
     assert gq._choose_split_k(8, 1, 64, 4, cpu) == 4       # never more slices than K tiles
@@ -331,6 +391,13 @@ for m, mode, perm, unpack, split in [(16, 0, True, 2, True), (16, 2, False, 0, F
     build(g._gptq_matmul_kernel, names, ptrs + ["i32"] * 10,
           dict(BITS=4, GROUP_MODE=mode, HAS_PERM=perm, UNPACK=unpack, DOT_PREC=None, SPLIT_K=split,
                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k), cfg)
+swap_names = [nm for nm in names if nm != "g_ptr"]
+for m, perm, unpack, split in [(16, True, "nibble", True), (64, False, "reshape", False), (64, False, "nibble", True)]:
+    cfg = dataclasses.replace(g.default_config(m, 4096, 4096), unpack=unpack)
+    assert cfg.kind == "swap"
+    build(g._gptq_swap_kernel, swap_names, [p for i, p in enumerate(ptrs) if i != 4] + ["i32"] * 10,
+          dict(BITS=4, HAS_PERM=perm, SPLIT_K=split, MAGIC_HALF=0x4300, MAGIC_VALUE=128.0,
+               UNPACK=int(unpack == "reshape"), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k), cfg)
 gemv_names = [nm for nm in names if nm != "g_ptr"]
 gemv_names[gemv_names.index("k_per_split") + 1:gemv_names.index("k_per_split") + 1] = ["field_hi", "field_lo"]
 for bits, perm, split in [(4, False, True), (8, True, False)]:
@@ -341,7 +408,7 @@ cfg = g.default_config(g.DEQUANT_MIN_ROWS, 4096, 4096)
 build(g._gptq_dequant_kernel, ["qw_ptr", "qz_ptr", "s_ptr", "g_ptr", "w_ptr", "N", "K", "group_size", "stride_qk",
                                "stride_zg", "stride_sg", "stride_wk"], ["*i32", "*i32", "*fp16", "*i32", "*bf16"] + ["i32"] * 7,
       dict(BITS=4, HAS_G_IDX=False, BLOCK_N=cfg.block_n, BLOCK_KP=cfg.block_k // 8), cfg)
-for fn in (g._gptq_matmul_kernel, g._gptq_gemv_kernel):
+for fn in (g._gptq_matmul_kernel, g._gptq_gemv_kernel, g._gptq_swap_kernel):
     assert [p.name for p in fn.params if p.do_not_specialize] == ["M"]
 print("compiled")
 """
@@ -349,7 +416,8 @@ print("compiled")
 
 def test_compiles_for_hopper_without_a_gpu():
     """The kernels go through Triton's whole NVIDIA pipeline (to a cubin for sm_90) for the decode
-    tiles, both group paths, every unpacking, split-K, and the dequantize kernel of large batches:
+    tiles, both group paths, every unpacking, split-K, the swap kernel's tiles of 16 and 64 rows
+    (both unpackings), and the dequantize kernel of large batches:
     no GPU is needed to compile.
     And the compiled kernels do not specialise on M (no new compile for every decode batch size)."""
     env = {key: v for key, v in os.environ.items() if key != "TRITON_INTERPRET"}

@@ -12,20 +12,26 @@ Layout (the GPTQ checkpoint's, with p = 32 // bits values per int32):
 
     W[k, n] = scales[g, n] * (W_q[k, n] - z[g, n])
 
-Three kernels, chosen by the number of rows M (default_config):
+Four kernels, chosen by the number of rows M (default_config):
 
   gemv     (M = 1): CUDA cores, one program row per row of x. Each program loads packed
            [BLOCK_K / p, BLOCK_N] tiles (the next one's load issued before this one's arithmetic)
            and reads each bit field as a float by placing it in a float's mantissa (a shift and
            one LOP3 per weight, one shift per two fields up to 4 bits; _gptq_gemv_kernel); every
            K tile lies inside one group, so the zero and the scale apply to the tile's sums.
-  dot      (M up to DEQUANT_MIN_ROWS): tensor cores, [BLOCK_M, BLOCK_N] output tiles with a float32
-           accumulator, the weight dequantized tile by tile inside the K loop. The default
+  swap     (M up to SWAP_MAX_ROWS, fp16/bf16 activations): tensor cores with the operands
+           swapped, out^T = W^T x^T, so that the weight tile fills the MMA's rows and the few x
+           rows are its narrow side; a bit field becomes a 16-bit float by an OR into the bits of
+           1024 (fp16) or 128 (bf16), and each K tile's zero and scale apply to its result
+           (_gptq_swap_kernel).
+  dot      (layers swap cannot take, up to DEQUANT_MIN_ROWS): tensor cores, [BLOCK_M, BLOCK_N]
+           output tiles with a float32 accumulator, the weight dequantized tile by tile inside
+           the K loop. The default
            unpacking ("nibble") dots each bit field's rows against the x columns they meet, p
            dots of BLOCK_K / p rows, so the unpacked tile is never reshaped; "reshape" spreads
            each int32 over its p rows with a broadcast shift and a reshape, "gather" loads int32
            row k // p for every row k.
-  dequant  (larger M): the weight dequantized once into a scratch buffer, then one cuBLAS matmul.
+  dequant  (more rows): the weight dequantized once into a scratch buffer, then one cuBLAS matmul.
 
 Integers become floats without a conversion instruction: OR-ing q into the bits of the float
 2**23 gives 2**23 + q exactly, and subtracting 2**23 + z leaves q - z (MAGIC_BITS).
@@ -76,6 +82,8 @@ GEMV_MAX_ROWS = 1
 GEMV_PROGRAMS_PER_SM = 2
 GEMV_MAX_SPLIT_K = 64
 DEQUANT_MIN_ROWS = 32
+# Up to this many rows of 16-bit activations, the swap kernel (see default_config).
+SWAP_MAX_ROWS = 64
 UNPACKINGS = ("gather", "reshape", "nibble")
 
 # float32 2**23: OR-ing a small non-negative integer q into its bit pattern gives the float
@@ -326,6 +334,85 @@ def _gptq_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, perm_ptr, out_ptr, part_ptr,
                   row * tl.num_programs(0) + pid_n, pid_k, tl.num_programs(2), SPLIT_K)
 
 
+@triton.jit(do_not_specialize=["M"])
+def _gptq_swap_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, perm_ptr, out_ptr, part_ptr, lock_ptr,
+                      M, N, K, group_size, k_per_split,
+                      stride_xm, stride_qk, stride_zg, stride_sg, stride_om,
+                      BITS: tl.constexpr, HAS_PERM: tl.constexpr, SPLIT_K: tl.constexpr,
+                      MAGIC_HALF: tl.constexpr, MAGIC_VALUE: tl.constexpr, UNPACK: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Few rows on tensor cores with the operands swapped: out^T [BLOCK_N, BLOCK_M] = W^T x^T, so
+    the weight tile is the dot's first operand (its BLOCK_N output columns fill the MMA's rows,
+    which a handful of x rows would leave mostly empty) and x^T, a few KB, is the second.
+
+    A bit field becomes a 16-bit float in two integer operations: q OR-ed into the bits of
+    MAGIC_VALUE (1024 in fp16, 128 in bf16, where consecutive integers are exactly representable)
+    is MAGIC_VALUE + q, truncated to 16 bits and reinterpreted, no conversion. Each tile lies
+    inside one group, so with X = the sum of the tile's x per row,
+
+        sum x * s * (q - z) = s * (sum x * (MAGIC_VALUE + q) - (MAGIC_VALUE + z) * X)
+
+    as in the GEMV kernel: the zero and the scale apply to the tile's [BLOCK_N, BLOCK_M] result."""
+    PACK: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    BLOCK_KP: tl.constexpr = BLOCK_K // PACK
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_mask = offs_n < N
+    m_mask = offs_m < M
+    z_cols = offs_n // PACK
+    z_shift = (offs_n % PACK) * BITS
+    x_cols = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm
+
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(K, k_start + k_per_split)
+    kp_end = k_end // PACK
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_kp = k0 // PACK + tl.arange(0, BLOCK_KP)
+        kp_mask = offs_kp < kp_end
+        # [BLOCK_N, BLOCK_KP]: the packed tile read transposed (contiguous along N)
+        packed = tl.load(qw_ptr + offs_kp.to(tl.int64)[None, :] * stride_qk + offs_n[:, None],
+                         mask=n_mask[:, None] & kp_mask[None, :], other=0)
+        g = k0 // group_size
+        s = tl.load(s_ptr + g * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        z = ((tl.load(qz_ptr + g * stride_zg + z_cols, mask=n_mask, other=0) >> z_shift) & MASK).to(tl.float32)
+        if UNPACK == 1:
+            # one dot per tile: each int32 spread over its PACK rows in place (k = kp * PACK + j)
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < k_end
+            if HAS_PERM:
+                cols = tl.load(perm_ptr + offs_k, mask=k_mask, other=0)
+            else:
+                cols = offs_k
+            xt = tl.load(x_cols + cols[:, None], mask=k_mask[:, None] & m_mask[None, :], other=0.0)  # [BLOCK_K, BLOCK_M]
+            shifts = tl.arange(0, PACK) * BITS
+            q = (packed[:, :, None] >> shifts[None, None, :]) & MASK
+            w = tl.reshape(q | MAGIC_HALF, (BLOCK_N, BLOCK_K)).to(tl.int16).to(xt.dtype, bitcast=True)
+            tile = tl.dot(w, xt)
+            x_sum = tl.sum(xt.to(tl.float32), axis=0)
+        else:
+            # PACK dots, one per bit field, each against the x rows of that field
+            tile = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            x_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            for j in tl.static_range(PACK):
+                rows = offs_kp * PACK + j
+                if HAS_PERM:
+                    cols = tl.load(perm_ptr + rows, mask=kp_mask, other=0)
+                else:
+                    cols = rows
+                xj = tl.load(x_cols + cols[:, None], mask=kp_mask[:, None] & m_mask[None, :], other=0.0)  # [BLOCK_KP, BLOCK_M]
+                w = (((packed >> (j * BITS)) & MASK) | MAGIC_HALF).to(tl.int16).to(xj.dtype, bitcast=True)
+                tile = tl.dot(w, xj, tile)
+                x_sum += tl.sum(xj.to(tl.float32), axis=0)
+        acc += s[:, None] * (tile - (z + MAGIC_VALUE)[:, None] * x_sum[None, :])
+    _store_result(tl.trans(acc), out_ptr, part_ptr, lock_ptr, offs_m, offs_n, m_mask[:, None] & n_mask[None, :],
+                  M, N, stride_om, pid_m * tl.num_programs(0) + pid_n, pid_k, tl.num_programs(2), SPLIT_K)
+
+
 @triton.jit
 def _gptq_dequant_kernel(qw_ptr, qz_ptr, s_ptr, g_ptr, w_ptr, N, K, group_size,
                          stride_qk, stride_zg, stride_sg, stride_wk,
@@ -368,12 +455,14 @@ class GPTQKernelConfig:
     kind: str = "dot"
 
 
-def default_config(m: int, n: int, k: int) -> GPTQKernelConfig:
-    """Tiles by buckets of M (so that the compiled kernel does not change with every M), from a
-    sweep on an H200 at Qwen3-8B's projections (benchmarks/bench_gptq_gemm.py --sweep): the GEMV
+def default_config(m: int, n: int, k: int, swap: bool = True) -> GPTQKernelConfig:
+    """Tiles by buckets of M (so that the compiled kernel does not change with every M), from
+    sweeps on an H200 at Qwen3-8B's projections (benchmarks/bench_gptq_gemm.py --sweep): the GEMV
     kernel for one row (the dot tiles were no faster there, and the GEMV kernel's cost grows with
-    every extra row), tensor-core tiles up to 16 rows, and dequantize-then-cuBLAS from
-    DEQUANT_MIN_ROWS rows on (it beat every fused tile at 256 and 512 rows by 1.7-1.9x)."""
+    every extra row), the swap kernel up to SWAP_MAX_ROWS rows, and dequantize-then-cuBLAS above
+    (it beat every fused tile at 256 and 512 rows by 1.7-3x). swap=False: the layer is one the swap
+    kernel cannot take (see _swap_applies), and the general tensor-core kernel runs up to
+    DEQUANT_MIN_ROWS instead."""
     if m <= GEMV_MAX_ROWS:
         # 1 row, H200: wide-output layers (gate_up, N 24576) best with 1024 x 32 tiles (26.0 us),
         # the others with 256 x 128 (qkv 10.6, o 9.0 us); down's best (512 x 64, 17.3 us) is
@@ -381,11 +470,35 @@ def default_config(m: int, n: int, k: int) -> GPTQKernelConfig:
         if n >= 16384:
             return GPTQKernelConfig(GEMV_MAX_ROWS, 1024, 32, num_warps=4, num_stages=1, kind="gemv")
         return GPTQKernelConfig(GEMV_MAX_ROWS, 256, 128, num_warps=4, num_stages=1, kind="gemv")
+    if swap and m <= 16:
+        # 4 and 16 rows, H200 (2026-12-03): qkv 17.1 / 18.9 us, o 13.8 / 15.2, gate_up 51.1 / 53.2,
+        # down 28.5 / 30.8 (the dot kernel: 17.8 / 21.6, 13.2 / 15.8, 49.1 / 56.3, 31.1 / 37.9)
+        if n >= 16384:
+            return GPTQKernelConfig(16, 128, 128, num_warps=4, num_stages=4, kind="swap")
+        return GPTQKernelConfig(16, 256, 128, num_warps=8, num_stages=3, kind="swap")
+    if swap and m <= SWAP_MAX_ROWS:
+        # 64 rows: qkv 33.1 us, o 26.5, gate_up 114.5, down 75.4 (dequantize + cuBLAS: 41.6,
+        # 28.0, 151.6, 85.3); the long-K down projection best with one dot per bit field
+        if k >= 8192:
+            return GPTQKernelConfig(64, 256, 128, num_warps=8, num_stages=3, kind="swap")
+        return GPTQKernelConfig(64, 128, 128, num_warps=4, num_stages=3, unpack="reshape", kind="swap")
+    if swap:
+        return GPTQKernelConfig(0, 64, 128, kind="dequant")
     if m <= 16:
         return GPTQKernelConfig(16, 128, 256, num_warps=4, num_stages=3)
     if m < DEQUANT_MIN_ROWS:
         return GPTQKernelConfig(32, 128, 256, num_warps=4, num_stages=3)
     return GPTQKernelConfig(0, 64, 128, kind="dequant")
+
+
+def _swap_applies(dtype: torch.dtype, bits: int, group_size: int, k: int, has_g_idx: bool) -> bool:
+    """Whether the swap kernel takes a layer: 16-bit activations that its bit trick serves
+    (_swap_magic), no per-row groups (act-order checkpoints run on it once gptq_prepare has sorted
+    their rows), and K tiles of 16 packed rows inside one group."""
+    if _swap_magic(dtype, bits) is None or has_g_idx:
+        return False
+    rows = 16 * (32 // bits)
+    return group_size >= k or group_size % rows == 0
 
 
 @functools.lru_cache(maxsize=None)
@@ -416,6 +529,17 @@ def _dequant_scratch(device: torch.device, dtype: torch.dtype, numel: int) -> to
     if buf is None or buf.numel() < numel:
         buf = _scratch[key] = torch.empty(numel, dtype=dtype, device=device)
     return buf
+
+
+def _swap_magic(dtype: torch.dtype, bits: int) -> tuple[int, float] | None:
+    """(bits, value) of the 16-bit float whose low mantissa bits a bit field is OR-ed into by the
+    swap kernel: 1024 in fp16 (integers exact up to 2048: any field), 128 in bf16 (exact up to 256:
+    fields of up to 7 bits). None where the kernel cannot take the activations."""
+    if dtype == torch.float16:
+        return 0x6400, 1024.0
+    if dtype == torch.bfloat16 and bits <= 7:
+        return 0x4300, 128.0
+    return None
 
 
 def _next_pow2(v: int) -> int:
@@ -497,8 +621,8 @@ def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
     if k == 0:
         return out.zero_().view(*shape[:-1], n)
 
-    cfg = config or default_config(m, n, k)
-    assert cfg.kind in ("dot", "gemv", "dequant"), f"unknown kernel kind {cfg.kind!r}"
+    cfg = config or default_config(m, n, k, _swap_applies(x.dtype, bits, gs, k, g_idx is not None))
+    assert cfg.kind in ("dot", "gemv", "swap", "dequant"), f"unknown kernel kind {cfg.kind!r}"
     assert cfg.unpack in UNPACKINGS, f"unpack must be one of {UNPACKINGS}, got {cfg.unpack!r}"
     if cfg.kind == "dequant":
         w = _dequant_scratch(x.device, x.dtype, k * n)[:k * n].view(k, n)
@@ -511,7 +635,13 @@ def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
     if gemv:
         block_k, group_mode = _choose_block_k(cfg.block_k, k, pack, gs, False, min_rows=pack)
         gemv = group_mode == 0  # every K tile inside one group
-    if not gemv:
+    magic = _swap_magic(x.dtype, bits)
+    swap = cfg.kind == "swap" and g_idx is None and magic is not None
+    if swap:
+        block_m = max(16, cfg.block_m)
+        block_k, group_mode = _choose_block_k(cfg.block_k, k, pack, gs, False, min_rows=16 * pack)
+        swap = group_mode == 0  # every K tile inside one group
+    if not gemv and not swap:  # the general tensor-core kernel (also where swap cannot take the layer)
         unpack = UNPACKINGS.index(cfg.unpack if cfg.kind == "dot" else "nibble")
         block_m = max(16, cfg.block_m)
         # nibble unpacking dots BLOCK_K // pack rows at a time: at least 16 (tl.dot's minimum)
@@ -539,6 +669,13 @@ def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
             m, n, k, gs, tiles_per_split * block_k, ((1 << bits) - 1) << (23 - bits),
             ((1 << bits) - 1) << (23 - 2 * bits),
             x2.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0), out.stride(0), **common)
+    elif swap:
+        _gptq_swap_kernel[(tiles_n, tiles_m, split)](
+            x2, qweight, qzeros, scales, perm_arg, out, part, locks,
+            m, n, k, gs, tiles_per_split * block_k,
+            x2.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0), out.stride(0),
+            MAGIC_HALF=magic[0], MAGIC_VALUE=magic[1], UNPACK=int(cfg.unpack == "reshape"), BLOCK_M=block_m,
+            **common)
     else:
         _gptq_matmul_kernel[(tiles_n, tiles_m, split)](
             x2, qweight, qzeros, scales, qweight if g_idx is None else g_idx, perm_arg, out, part, locks,
