@@ -85,6 +85,44 @@ def test_apply_matches_the_definition(bits, fmt, group_size, act_order, sym):
     assert torch.equal(layer.qzeros, pack_spec(z, bits, dim=1))
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_act_order_rows_sorted_by_group_for_the_gpu_kernels(bits):
+    """Off CPU an act-order layer's rows are sorted by group once after loading (the GPU kernels
+    then read one scale row per K tile): qweight holds the rows in the sorted order, the forward
+    reads x's columns through gptq_perm and still gives x @ W; a g_idx whose groups are not runs of
+    group_size rows once sorted is left as it is. (Run here on a CPU layer, calling the step the
+    loader takes off CPU.)"""
+    from folovllm.model_executor.layers.quantization import gptq
+
+    K, N = 128, 48
+    q, z, scales, g_idx, w = make_case(K, N, bits, 32, True, False)
+
+    def loaded(g):
+        layer = ReplicatedLinear(K, N, quant_config=quant_config(bits, 32, True, False, "gptq_v2"), prefix="x")
+        params = dict(layer.named_parameters())
+        for name, t in checkpoint(q, z, scales, g, bits, "gptq_v2").items():
+            params[name].weight_loader(params[name], t, None, name)
+        layer.quant_method.process_weights_after_loading(layer)
+        layer.gptq_int4 = None  # the dequantizing forward, as a GPU without the Triton kernel runs
+        return layer
+
+    layer = loaded(g_idx)
+    gptq._sort_act_order_rows(layer, bits)
+    perm = torch.argsort(g_idx.long(), stable=True)
+    assert layer.gptq_g_idx is None and torch.equal(layer.gptq_perm.long(), perm)
+    assert torch.equal(layer.qweight, pack_spec(q[perm], bits, dim=0))
+    assert layer.gptq_group_size == 32
+    x = torch.randn(3, K)
+    torch.testing.assert_close(layer(x), x @ w, atol=1e-5, rtol=1e-5)
+
+    uneven = g_idx.clone()
+    uneven[:3] = 0  # group 0 now holds more than 32 rows
+    layer = loaded(uneven)
+    before = layer.qweight.clone()
+    gptq._sort_act_order_rows(layer, bits)
+    assert layer.gptq_perm is None and layer.gptq_g_idx is not None and torch.equal(layer.qweight, before)
+
+
 def test_merged_parts_and_row_parallel_load_at_their_offsets():
     """gate/up parts load into one layer at plain offsets of qweight/scales and packed offsets
     of qzeros; each part's g_idx is the layer's."""
@@ -178,6 +216,7 @@ import sys, torch
 sys.path.insert(0, {here!r})
 from test_gptq_linear import make_case, checkpoint, quant_config
 from folovllm.model_executor.layers.linear import ReplicatedLinear
+from folovllm.model_executor.layers.quantization import gptq
 from folovllm.model_executor.layers.quantization.kernels.gptq_triton import gptq_matmul
 for bits, gs, act, fmt in [(4, 32, False, "gptq"), (4, 32, True, "gptq"), (8, -1, False, "gptq_v2")]:
     q, z, s, g, w = make_case(128, 64, bits, gs, act, False)
@@ -192,6 +231,12 @@ for bits, gs, act, fmt in [(4, 32, False, "gptq"), (4, 32, True, "gptq"), (8, -1
     y = gptq_matmul(x.to(dev), on(layer.qweight), on(layer.qzeros), on(layer.scales), on(layer.gptq_g_idx), bits,
                     layer.gptq_group_size)
     torch.testing.assert_close(y.cpu(), x @ w, atol=1e-4, rtol=1e-4)
+    if act:  # the layout off CPU: rows sorted by group, x read through the permutation
+        gptq._sort_act_order_rows(layer, bits)
+        assert layer.gptq_g_idx is None and layer.gptq_perm is not None
+        y = gptq_matmul(x.to(dev), on(layer.qweight), on(layer.qzeros), on(layer.scales), None, bits,
+                        layer.gptq_group_size, perm=on(layer.gptq_perm))
+        torch.testing.assert_close(y.cpu(), x @ w, atol=1e-4, rtol=1e-4)
 """
 
 

@@ -391,6 +391,11 @@ for m, mode, perm, unpack, split in [(16, 0, True, 2, True), (16, 2, False, 0, F
     build(g._gptq_matmul_kernel, names, ptrs + ["i32"] * 10,
           dict(BITS=4, GROUP_MODE=mode, HAS_PERM=perm, UNPACK=unpack, DOT_PREC=None, SPLIT_K=split,
                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k), cfg)
+for bits, mode in [(4, 1), (8, 1), (8, 2)]:  # the default tiles of a group per row (gptq_matmul)
+    cfg = dataclasses.replace(g.default_config(16, 4096, 4096, swap=False), block_k=64)
+    build(g._gptq_matmul_kernel, names, ptrs + ["i32"] * 10,
+          dict(BITS=bits, GROUP_MODE=mode, HAS_PERM=False, UNPACK=1, DOT_PREC=None, SPLIT_K=True,
+               BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k), cfg)
 swap_names = [nm for nm in names if nm != "g_ptr"]
 for m, perm, unpack, split in [(16, True, "nibble", True), (64, False, "reshape", False), (64, False, "nibble", True)]:
     cfg = dataclasses.replace(g.default_config(m, 4096, 4096), unpack=unpack)

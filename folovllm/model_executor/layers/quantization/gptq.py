@@ -102,6 +102,11 @@ def unpack_cols(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return vals.reshape(packed.shape[0], -1)
 
 
+def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """The inverse of unpack_rows: int [R * p, C] of b-bit values -> int32 [R, C]."""
+    return pack_cols(values.t(), bits).t().contiguous()
+
+
 def pack_cols(values: torch.Tensor, bits: int) -> torch.Tensor:
     """int [R, C * p] of b-bit values -> int32 [R, C], p values per int32 along dim 1."""
     p = 32 // bits
@@ -219,8 +224,11 @@ class GPTQLinearMethod(LinearMethodBase):
         layer.gptq_g_idx = None if plain else g_idx
         layer.gptq_group_size = k // num_groups if plain else cfg.group_size
         layer.register_buffer("gptq_int4", None, persistent=False)
+        layer.register_buffer("gptq_perm", None, persistent=False)
         if layer.qweight.device.type == "cpu" and cfg.bits == 4:
             _repack_for_cpu(layer)
+        elif layer.qweight.device.type != "cpu" and layer.gptq_g_idx is not None:
+            _sort_act_order_rows(layer, cfg.bits)
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         cfg = self.quant_config
@@ -228,18 +236,45 @@ class GPTQLinearMethod(LinearMethodBase):
             kernel = _triton_kernel()
             if kernel is not None:
                 y = kernel(x.reshape(-1, x.shape[-1]), layer.qweight, layer.qzeros, layer.scales, layer.gptq_g_idx,
-                           cfg.bits, layer.gptq_group_size)
+                           cfg.bits, layer.gptq_group_size, perm=layer.gptq_perm)
                 y = y.reshape(*x.shape[:-1], y.shape[-1])
                 return y if bias is None else y + bias
         if getattr(layer, "gptq_int4", None) is not None and x.device.type == "cpu":
             y = _apply_cpu(layer, x)
             return y if bias is None else y + bias
         w = dequantize(layer.qweight, layer.gptq_zeros, layer.scales, layer.gptq_g_idx, cfg.bits, x.dtype)
+        if layer.gptq_perm is not None:  # rows sorted by group: weight row k meets x's column perm[k]
+            x = x.index_select(-1, layer.gptq_perm)
         y = x @ w
         return y if bias is None else y + bias
 
 
 # ---- CPU: 4-bit checkpoints on PyTorch's int4 kernel ----------------------------------------------
+
+def act_order_sort(layer) -> torch.Tensor | None:
+    """The permutation that sorts an act-order layer's rows by group, when every group then covers
+    group_size consecutive rows (the standard act-order checkpoint); else None."""
+    k, num_groups = layer.g_idx.shape[0], layer.scales.shape[0]
+    if layer.gptq_g_idx is None or k % num_groups:
+        return None
+    g = layer.gptq_g_idx.long()
+    perm = torch.argsort(g, stable=True)
+    return perm if torch.equal(g[perm], torch.arange(k, device=perm.device) // (k // num_groups)) else None
+
+
+def _sort_act_order_rows(layer, bits: int) -> None:
+    """Off CPU, once after loading: an act-order layer's rows sorted by group, so that the kernels
+    read one scale and zero row per K tile and take their fast paths (GEMV, swap) instead of
+    gathering a group per row; the forward reads x's columns through gptq_perm. A g_idx that no
+    sort turns into consecutive groups is kept as it is."""
+    perm = act_order_sort(layer)
+    if perm is None:
+        return
+    layer.qweight.data = pack_rows(unpack_rows(layer.qweight.data, bits)[perm], bits)
+    layer.gptq_perm = perm.to(torch.int32)
+    layer.gptq_g_idx = None
+    layer.gptq_group_size = layer.g_idx.shape[0] // layer.scales.shape[0]
+
 
 def cpu_kernel_group_size(layer) -> tuple[int | None, torch.Tensor | None, str]:
     """(the kernel's group size, the input permutation or None, why not) for a loaded 4-bit layer.
@@ -253,11 +288,9 @@ def cpu_kernel_group_size(layer) -> tuple[int | None, torch.Tensor | None, str]:
     if k % num_groups:
         return None, None, f"{k} input rows do not split into {num_groups} equal groups"
     group = k // num_groups
-    perm = None
-    if layer.gptq_g_idx is not None:
-        perm = torch.argsort(layer.gptq_g_idx.long(), stable=True)
-        if not torch.equal(layer.gptq_g_idx.long()[perm], torch.arange(k, device=perm.device) // group):
-            return None, None, "its act-order groups do not each hold group_size rows"
+    perm = act_order_sort(layer)
+    if layer.gptq_g_idx is not None and perm is None:
+        return None, None, "its act-order groups do not each hold group_size rows"
     kernel_group = next((g for g in KERNEL_GROUP_SIZES if group % g == 0), None)
     if kernel_group is None:
         return None, None, f"its group of {group} rows is not a multiple of 32"

@@ -647,6 +647,14 @@ def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
         # nibble unpacking dots BLOCK_K // pack rows at a time: at least 16 (tl.dot's minimum)
         block_k, group_mode = _choose_block_k(cfg.block_k, k, pack, gs, g_idx is not None,
                                               min_rows=16 * pack if unpack == 2 else 16)
+        if config is None and group_mode != 0:
+            # a group per row (groups narrower than the nibble tiles' 16 packed rows, as g32 at 4
+            # bits, or an act-order g_idx that no sort makes consecutive): the nibble tiles load a
+            # [rows, BLOCK_N] scale and zero per bit field, which at the default tiles asked for
+            # 244-435 KB of shared memory on an H200 (228 KB there); the reshape unpacking loads
+            # them once per shallower tile, whole groups per tile where the group size allows
+            block_k, group_mode = _choose_block_k(64, k, pack, gs, g_idx is not None, min_rows=16)
+            unpack = UNPACKINGS.index("reshape")
     tiles_n, tiles_m = triton.cdiv(n, cfg.block_n), (m if gemv else triton.cdiv(m, block_m))
     k_tiles = triton.cdiv(k, block_k)
     if gemv:  # short programs: more of them in flight per SM hide the loads' latency
