@@ -16,20 +16,6 @@ source benchmarks/common.sh
 start_log tp.log
 
 MODEL=benchmarks/configs/qwen3-8b
-TOTAL_S=${TOTAL_S:-540}
-RESERVE_S=20  # kept back for the table at the end
-
-# tstep NAME LIMIT_S COMMAND...: step with its limit cut to what is left of TOTAL_S; skipped
-# when less than 15 s would be left for it.
-tstep() {
-  local name=$1 limit=$2 left=$((TOTAL_S - RESERVE_S - SECONDS)); shift 2
-  if (( left < limit )); then limit=$left; fi
-  if (( limit < 15 )); then
-    echo "=== $name: skipped, $left s left of TOTAL_S=$TOTAL_S" | tee -a "$LOG"
-    return
-  fi
-  step "$name" "$limit" "$@"
-}
 
 have() { [ -s "$OUT/$1" ]; }
 
