@@ -102,11 +102,6 @@ def unpack_cols(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return vals.reshape(packed.shape[0], -1)
 
 
-def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """The inverse of unpack_rows: int [R * p, C] of b-bit values -> int32 [R, C]."""
-    return pack_cols(values.t(), bits).t().contiguous()
-
-
 def pack_cols(values: torch.Tensor, bits: int) -> torch.Tensor:
     """int [R, C * p] of b-bit values -> int32 [R, C], p values per int32 along dim 1."""
     p = 32 // bits
@@ -249,32 +244,25 @@ class GPTQLinearMethod(LinearMethodBase):
         return y if bias is None else y + bias
 
 
-# ---- CPU: 4-bit checkpoints on PyTorch's int4 kernel ----------------------------------------------
-
-def act_order_sort(layer) -> torch.Tensor | None:
-    """The permutation that sorts an act-order layer's rows by group, when every group then covers
-    group_size consecutive rows (the standard act-order checkpoint); else None."""
-    k, num_groups = layer.g_idx.shape[0], layer.scales.shape[0]
-    if layer.gptq_g_idx is None or k % num_groups:
-        return None
-    g = layer.gptq_g_idx.long()
-    perm = torch.argsort(g, stable=True)
-    return perm if torch.equal(g[perm], torch.arange(k, device=perm.device) // (k // num_groups)) else None
-
-
 def _sort_act_order_rows(layer, bits: int) -> None:
-    """Off CPU, once after loading: an act-order layer's rows sorted by group, so that the kernels
-    read one scale and zero row per K tile and take their fast paths (GEMV, swap) instead of
-    gathering a group per row; the forward reads x's columns through gptq_perm. A g_idx that no
-    sort turns into consecutive groups is kept as it is."""
-    perm = act_order_sort(layer)
-    if perm is None:
+    """Off CPU, once after loading: an act-order layer's rows sorted by group (the Triton
+    kernels' gptq_prepare), so that the kernels read one scale and zero row per K tile and take
+    their fast paths (GEMV, swap) instead of gathering a group per row; the forward reads x's
+    columns through gptq_perm. A g_idx that no sort turns into consecutive groups is kept as it
+    is, and so is every layer where the kernels are not installed."""
+    if _triton_kernel() is None:
         return
-    layer.qweight.data = pack_rows(unpack_rows(layer.qweight.data, bits)[perm], bits)
-    layer.gptq_perm = perm.to(torch.int32)
+    from folovllm.model_executor.layers.quantization.kernels.gptq_triton import gptq_prepare
+    prepared = gptq_prepare(layer.qweight.data, layer.qzeros.data, layer.scales.data, layer.gptq_g_idx, bits,
+                            layer.gptq_group_size)
+    if prepared.perm is None:
+        return
+    layer.qweight.data = prepared.qweight
+    layer.gptq_perm = prepared.perm
     layer.gptq_g_idx = None
-    layer.gptq_group_size = layer.g_idx.shape[0] // layer.scales.shape[0]
 
+
+# ---- CPU: 4-bit checkpoints on PyTorch's int4 kernel ----------------------------------------------
 
 def cpu_kernel_group_size(layer) -> tuple[int | None, torch.Tensor | None, str]:
     """(the kernel's group size, the input permutation or None, why not) for a loaded 4-bit layer.
@@ -288,9 +276,11 @@ def cpu_kernel_group_size(layer) -> tuple[int | None, torch.Tensor | None, str]:
     if k % num_groups:
         return None, None, f"{k} input rows do not split into {num_groups} equal groups"
     group = k // num_groups
-    perm = act_order_sort(layer)
-    if layer.gptq_g_idx is not None and perm is None:
-        return None, None, "its act-order groups do not each hold group_size rows"
+    perm = None
+    if layer.gptq_g_idx is not None:
+        perm = torch.argsort(layer.gptq_g_idx.long(), stable=True)
+        if not torch.equal(layer.gptq_g_idx.long()[perm], torch.arange(k, device=perm.device) // group):
+            return None, None, "its act-order groups do not each hold group_size rows"
     kernel_group = next((g for g in KERNEL_GROUP_SIZES if group % g == 0), None)
     if kernel_group is None:
         return None, None, f"its group of {group} rows is not a multiple of 32"
