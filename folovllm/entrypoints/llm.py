@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -34,14 +34,14 @@ class LLM:
                                                 and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = list(sampling_params) if isinstance(sampling_params, Sequence) else sampling_params
-        return self._run_engine(self.llm_engine.add_requests(list(prompts), params), use_tqdm)
+        return self._run_engine(*self.llm_engine.iter_batch(list(prompts), params), use_tqdm)
 
-    def _run_engine(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+    def _run_engine(self, ids: list[str], outputs: Iterator[RequestOutput], use_tqdm: bool) -> list[RequestOutput]:
         final: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(ids), desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm)
         num_out_tokens = 0
         try:
-            for out in self.llm_engine.iter_outputs(ids):
+            for out in outputs:
                 if out.finished:
                     final[out.request_id] = out
                     num_out_tokens += sum(len(c.token_ids) for c in out.outputs)
