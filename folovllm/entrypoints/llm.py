@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from folovllm.engine.arg_utils import EngineArgs
 from folovllm.entrypoints.chat_utils import apply_chat_template
+from folovllm.engine.core import freeze_startup_heap
 from folovllm.engine.llm_engine import LLMEngine
 from folovllm.engine.processor import PromptType
 from folovllm.outputs import RequestOutput
@@ -18,6 +19,9 @@ from folovllm.sampling_params import SamplingParams
 class LLM:
     def __init__(self, model: str, **kwargs: Any) -> None:
         self.llm_engine = LLMEngine.from_engine_args(EngineArgs.from_kwargs(model=model, **kwargs))
+        # As the engine-core process and the server do: the start-up heap out of the collector's
+        # full passes, which otherwise walk it in the middle of a batch (host time before a step).
+        self.llm_engine.startup_times["gc_freeze"] = freeze_startup_heap()
 
     def reset_prefix_cache(self) -> bool:
         return self.llm_engine.reset_prefix_cache()

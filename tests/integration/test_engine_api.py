@@ -115,3 +115,20 @@ def test_llm_outputs_in_prompt_order_with_per_prompt_params(tiny_models):
                         [SamplingParams(max_tokens=n, ignore_eos=True) for n in (3, 1, 2)], use_tqdm=False)
     assert [o.prompt_token_ids for o in outs] == [[1, 2, 3], [4], [5, 6]]
     assert [len(o.outputs[0].token_ids) for o in outs] == [3, 1, 2]
+
+
+def test_llm_freezes_what_start_up_left(tiny_models):
+    """LLM() moves its start-up heap out of the collector's full passes, as the engine-core
+    process and the server do (in a fresh process: this one's freeze count is not its own)."""
+    import subprocess
+    import sys
+    import textwrap
+    code = textwrap.dedent(f"""
+        import gc
+        from folovllm import LLM
+        assert gc.get_freeze_count() == 0
+        llm = LLM({str(tiny_models["qwen3"][0])!r}, max_model_len=64, device="cpu")
+        assert gc.get_freeze_count() > 1000, gc.get_freeze_count()
+        assert llm.llm_engine.startup_times["gc_freeze"] >= 0
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
