@@ -5,7 +5,8 @@
     PYTHONPATH=. python3 benchmarks/profile_prefix.py --synchronous [--kernels] [--cprofile]
 
 Prints, for the timed `generate(max_tokens=1)` call: its wall time split into host phases
-(add_requests, schedule, execute_model, update; async scheduling as the engine runs it); or,
+(_queue: validating and queuing the prompts, which LLM.generate does a slice at a time between
+steps; schedule, execute_model, update; async scheduling as the engine runs it); or,
 with --synchronous, each step run synchronously with its wall time and scheduled tokens; with --kernels the GPU time
 per kernel of those steps (torch.profiler); with --attention the attention of one such step alone
 (64 x 128 queries over 2,176-token contexts) for a few tile configurations, in TFLOP/s.
@@ -41,7 +42,7 @@ def timed_phases(llm, prefixes, prompts, params) -> None:
         setattr(obj, name, timed)
         return fn
 
-    originals = [(engine, "add_requests", wrap(engine, "add_requests")),
+    originals = [(engine, "_queue", wrap(engine, "_queue")),
                  (core.scheduler, "schedule", wrap(core.scheduler, "schedule")),
                  (core.executor, "execute_model", wrap(core.executor, "execute_model")),
                  (core.scheduler, "update_from_output", wrap(core.scheduler, "update_from_output"))]
@@ -61,7 +62,7 @@ def timed_phases(llm, prefixes, prompts, params) -> None:
 
 
 def synchronous_steps(model: str, prefixes, prompts, params, kernels: bool, cprofile: bool) -> None:
-    llm = LLM(model, load_format="dummy", max_model_len=4096, async_scheduling=False)
+    llm = LLM(model, load_format="dummy", async_scheduling=False)
     engine = llm.llm_engine
     scheduler = engine.engine_core.scheduler
     for it in range(3):
@@ -175,7 +176,9 @@ def main() -> None:
     if args.synchronous:
         synchronous_steps(args.model, prefixes, prompts, params, args.kernels, args.cprofile)
     else:
-        timed_phases(LLM(args.model, load_format="dummy", max_model_len=4096), prefixes, prompts, params)
+        # the model's own max_model_len, as bench prefix runs it: mixed-step graphs are captured up
+        # to min(token budget, max_model_len) tokens, so a cap of 4096 left its 8192-token step eager
+        timed_phases(LLM(args.model, load_format="dummy"), prefixes, prompts, params)
 
 
 if __name__ == "__main__":
