@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 from folovllm.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
@@ -157,7 +157,7 @@ class LLMEngine(EngineFrontend):
                 yield out
 
     def iter_batch(self, prompts: list[PromptType], params: SamplingParams | list[SamplingParams] | None = None,
-                   stream: bool = False) -> tuple[list[str], Iterator[RequestOutput]]:
+                   stream: bool = False) -> tuple[list[str], Generator[RequestOutput, None, None]]:
         """Run a batch of prompts to completion: their request ids (in prompt order) and an
         iterator of their outputs, as iter_outputs yields them.
 
@@ -176,7 +176,7 @@ class LLMEngine(EngineFrontend):
         return ids, self._run_batch(ids, prompts, params_list, stream)
 
     def _run_batch(self, ids: list[str], prompts: list[PromptType], params_list: list[SamplingParams],
-                   stream: bool) -> Iterator[RequestOutput]:
+                   stream: bool) -> Generator[RequestOutput, None, None]:
         # Without async scheduling a step's host work cannot overlap the device's: queue all first.
         per_slice = (BATCH_ADMIT_BUDGETS * self.config.scheduler_config.max_num_batched_tokens
                      if self.async_scheduling else float("inf"))
@@ -207,7 +207,10 @@ class LLMEngine(EngineFrontend):
         """All prompts together, continuously batched. Returns {request_id: final output} in
         prompt order."""
         ids, outputs = self.iter_batch(prompts, params)
-        final = {out.request_id: out for out in outputs if out.finished}
+        try:
+            final = {out.request_id: out for out in outputs if out.finished}
+        finally:
+            outputs.close()  # an interrupted batch ends now, not when the generator is collected
         return {i: final[i] for i in ids}
 
     def reset_prefix_cache(self) -> bool:

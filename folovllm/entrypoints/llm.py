@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -40,7 +40,8 @@ class LLM:
         params = list(sampling_params) if isinstance(sampling_params, Sequence) else sampling_params
         return self._run_engine(*self.llm_engine.iter_batch(list(prompts), params), use_tqdm)
 
-    def _run_engine(self, ids: list[str], outputs: Iterator[RequestOutput], use_tqdm: bool) -> list[RequestOutput]:
+    def _run_engine(self, ids: list[str], outputs: Generator[RequestOutput, None, None],
+                    use_tqdm: bool) -> list[RequestOutput]:
         final: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(ids), desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm)
         num_out_tokens = 0
@@ -54,6 +55,9 @@ class LLM:
                     bar.set_postfix_str(f"output {num_out_tokens / elapsed:.1f} tok/s", refresh=False)
         finally:
             bar.close()
+            # close now, not when the generator is collected: a traceback kept by the caller
+            # (an interrupted notebook cell, say) would keep the batch running in the engine
+            outputs.close()
         return [final[i] for i in ids]
 
     def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],

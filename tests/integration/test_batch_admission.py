@@ -106,3 +106,33 @@ def test_generate_batch_goes_through_the_slices(tiny_models):
     out = engine.generate_batch(prompts(20, seed=3), SamplingParams(max_tokens=3, ignore_eos=True))
     assert len(out) == 20 and all(len(o.outputs[0].token_ids) == 3 for o in out.values())
     assert seen[0] < 20 and seen[-1] == 20
+
+
+def test_an_interrupted_generate_ends_its_batch_even_if_the_traceback_is_kept(staged, monkeypatch):
+    """A KeyboardInterrupt in LLM.generate's loop (here from its progress bar) whose traceback the
+    caller keeps, as an interactive session does: the batch still ends at once."""
+    import folovllm.entrypoints.llm as llm_module
+
+    class Bar:
+        def __init__(self, *a, **k):
+            self.format_dict = {"elapsed": 1.0}
+
+        def update(self, n):
+            raise KeyboardInterrupt
+
+        def set_postfix_str(self, *a, **k):
+            pass
+
+        def close(self):
+            pass
+
+    engine = staged.llm_engine
+    free = engine.engine_core.scheduler.kv_cache_manager.num_free_blocks
+    monkeypatch.setattr(llm_module, "tqdm", Bar)
+    kept = None
+    try:
+        staged.generate(prompts(20, seed=4), SamplingParams(max_tokens=6, ignore_eos=True), use_tqdm=False)
+    except KeyboardInterrupt as e:
+        kept = e  # holds the traceback, and with it the frames of generate
+    assert kept is not None and kept.__traceback__ is not None
+    _engine_is_empty(engine, free)
