@@ -136,3 +136,23 @@ def test_an_interrupted_generate_ends_its_batch_even_if_the_traceback_is_kept(st
         kept = e  # holds the traceback, and with it the frames of generate
     assert kept is not None and kept.__traceback__ is not None
     _engine_is_empty(engine, free)
+
+
+def test_parallel_sampling_through_the_slices(tiny_models, staged):
+    """n = 3 sequences per prompt, the batch spread over slices: each greedy sequence repeats the
+    n = 1 tokens, and a seeded sampled batch gives the same tokens as the batch queued whole."""
+    batch = prompts(12, seed=5)
+    greedy = staged.generate(batch, SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True, n=3),
+                             use_tqdm=False)
+    single = staged.generate(batch, SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True),
+                             use_tqdm=False)
+    for many, one in zip(greedy, single):
+        assert [c.index for c in many.outputs] == [0, 1, 2]
+        assert all(c.token_ids == one.outputs[0].token_ids for c in many.outputs)
+    sampled = SamplingParams(temperature=1.0, max_tokens=5, ignore_eos=True, n=3, seed=7)
+    seen = queued_at_each_step(staged.llm_engine)
+    staged_out = staged.generate(batch, sampled, use_tqdm=False)
+    assert seen[0] < len(batch) * 3  # the 36 sequences did not all come in the first slice
+    reference = make_llm(tiny_models["qwen3"][0], async_scheduling=False)
+    ref = reference.generate(batch, sampled, use_tqdm=False)
+    assert [[c.token_ids for c in o.outputs] for o in staged_out] == [[c.token_ids for c in o.outputs] for o in ref]
