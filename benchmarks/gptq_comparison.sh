@@ -22,8 +22,8 @@ for m in qwen3-8b-gptq qwen3-8b; do
     --output-json "$OUT/throughput_$m.json"
 done
 tstep gpu_tests 90 python3 -m pytest -q tests/gpu/test_gptq_gpu.py
-tstep kernel_tests 60 env FOLOVLLM_GPTQ_CUDA=1 python3 -m pytest -q tests/unit/test_gptq_triton.py \
-  -k "swap or share_one or ragged or every_unpacking or gemv_kernel or dequantize_then"
+tstep kernel_tests 90 env FOLOVLLM_GPTQ_CUDA=1 python3 -m pytest -q tests/unit/test_gptq_triton.py \
+  -k "swap or share_one or ragged or every_unpacking or gemv_kernel or dequantize_then or qwen3_8b"
 tstep gemm 90 python3 benchmarks/bench_gptq_gemm.py --rows 1 4 16 64 256
 echo | tee -a "$LOG"
 # shellcheck disable=SC2086

@@ -300,6 +300,37 @@ def test_rejects_mismatched_shapes():
         gq.gptq_matmul(randx(1, 64, DTYPES[0]), packed["qweight"], packed["qzeros"], packed["scales"], None, 8, 32)
 
 
+# Qwen3-8B's projections (in K, out N), as benchmarks/bench_gptq_gemm.py runs them
+QWEN3_8B_SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 24576), "down": (12288, 4096)}
+
+
+@pytest.mark.skipif(not _ON_CUDA, reason="Qwen3-8B's shapes, compiled on a GPU only (test_compiled_on_cuda runs "
+                                         "them; under the interpreter they would take hours)")
+@pytest.mark.parametrize("act_order", [False, True], ids=["g128", "actorder"])
+@pytest.mark.parametrize("shape", list(QWEN3_8B_SHAPES))
+def test_qwen3_8b_shapes_from_1_to_256_rows(shape, act_order):
+    """4-bit g128 at Qwen3-8B's projections, 1 to 256 rows of bf16 (the GEMV kernel, the swap
+    kernel, dequantize-then-cuBLAS), as the engine lays a checkpoint out (gptq_prepare: act-order
+    rows sorted) and, for act-order, as the checkpoint stores it (the per-row group path)."""
+    k, n = QWEN3_8B_SHAPES[shape]
+    packed, w = make_weight(k, n, 4, 128, "actorder" if act_order else "none")
+    w = w.to(DEVICE)  # float64, exact
+    layouts = {"prepared": gq.gptq_prepare(packed["qweight"], packed["qzeros"], packed["scales"],
+                                           packed["g_idx"], 4, 128)}
+    if act_order:
+        assert layouts["prepared"].perm is not None
+        layouts["stored"] = gq.GPTQWeights(packed["qweight"], packed["qzeros"], packed["scales"],
+                                           packed["g_idx"], None, 4, 128)
+    for m in (1, 2, 4, 16, 33, 64, 65, 256):
+        x = randx(m, k, torch.bfloat16)
+        ref = x.double() @ w
+        for name, weights in layouts.items():
+            out = weights.matmul(x)
+            assert out.shape == (m, n) and out.dtype == torch.bfloat16
+            err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
+            assert err < TOL[torch.bfloat16], (shape, name, m, err)
+
+
 # --- the reference dequantizer and the re-layout -------------------------------------------------
 
 @pytest.mark.parametrize("bits,group_size,g_idx_kind", [(4, 32, "none"), (4, 32, "actorder"), (8, -1, "none"),
