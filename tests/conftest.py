@@ -191,3 +191,16 @@ def _real_model_only_in_slow_tests():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(assets, "fetch_default_model", fetch_default_model)
         yield
+
+
+@pytest.fixture(autouse=True)
+def _cpu_bf16_pinned(request, monkeypatch):
+    """The CPU's bfloat16 instructions decide dtype "auto" for int8/int4 weights on CPU
+    (ModelConfig.resolve_dtype): every test sees a CPU that has them, whatever machine runs it,
+    except one that asks for `no_bf16_cpu`."""
+    monkeypatch.setattr("folovllm.config.cpu_has_native_bf16", lambda: "no_bf16_cpu" not in request.fixturenames)
+
+
+@pytest.fixture
+def no_bf16_cpu():
+    """A CPU without bfloat16 instructions, for dtype "auto" (see _cpu_bf16_pinned)."""

@@ -50,6 +50,57 @@ def test_linear_method_equals_the_dequantized_matmul(dtype, tol, m):
     assert ((y - ref).norm() / ref.norm()).item() < tol
 
 
+@pytest.mark.parametrize("m", [1, 5, 40])
+def test_float32_rows_meet_the_kernel_in_its_kernel_dtype(m):
+    """kernel_dtype=bfloat16 (dtype "auto" on a CPU without bfloat16 instructions): float32 rows
+    up to the kernel's limit go through it as bfloat16 and come back float32, its exact result;
+    from DENSE_FROM_ROWS[bfloat16] rows on, the float32 dense path, exact as ever."""
+    gen = torch.Generator().manual_seed(10 + m)
+    layer, method = _Layer(), Int8LinearMethod(kernel_dtype=torch.bfloat16)
+    method.create_weights(layer, 96, [80], 96, 80, torch.float32)
+    layer.weight.data.copy_(torch.randn(80, 96, generator=gen))
+    method.process_weights_after_loading(layer)
+    x = torch.randn(m, 96, generator=gen)
+    y = method.apply(layer, x)
+    assert y.dtype == torch.float32 and y.shape == (m, 80)
+    ref_w = layer.weight_int8.double() * layer.weight_scale.double()[:, None]
+    if m < 32:
+        kernel = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), layer.weight_int8,
+                                                    layer.weight_scale.to(torch.bfloat16))
+        assert torch.equal(y, kernel.float())
+        ref = x.to(torch.bfloat16).double() @ ref_w.T
+        assert ((y.double() - ref).norm() / ref.norm()).item() < 2e-2
+    else:
+        ref = x.double() @ ref_w.T
+        assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-5
+
+
+def test_auto_on_a_cpu_without_bfloat16_instructions_is_float32_with_bfloat16_kernels(tiny_gguf, no_bf16_cpu):
+    """Such a CPU computes bfloat16 by conversion: with int8 weights the model runs float32 and
+    only the int8 kernel (fast with bfloat16 inputs alone) gets bfloat16 rows. A dtype the user
+    names is kept, with float32 rows into the kernel as float32."""
+    from folovllm.config import EngineConfig, ModelConfig
+
+    path, hf = tiny_gguf
+
+    def resolved(**kw):
+        mc = EngineConfig(ModelConfig(path, **kw), device="cpu").model_config
+        return mc.quantization, mc.dtype, mc.cpu_kernel_dtype
+
+    assert resolved() == ("int8", torch.float32, torch.bfloat16)
+    assert resolved(quantization="int4") == ("int4", torch.bfloat16, None)  # its decode is faster so
+    assert resolved(dtype="float32") == ("int8", torch.float32, None)
+    assert resolved(dtype="bfloat16") == ("int8", torch.bfloat16, None)
+    assert resolved(quantization="none") == (None, torch.float32, None)
+    llm = LLM(path, device="cpu")
+    model = llm.llm_engine.engine_core.executor.driver_worker.model_runner.model
+    down = model.model.layers[0].mlp.down_proj
+    assert down.quant_method.kernel_dtype == torch.bfloat16 and model.lm_head.quant_method.kernel_dtype == torch.bfloat16
+    outs = llm.generate([{"prompt_token_ids": [5, 6, 7, 8]}], SamplingParams(temperature=0.0, max_tokens=6,
+                                                                              ignore_eos=True), use_tqdm=False)
+    assert len(outs[0].outputs[0].token_ids) == 6
+
+
 @pytest.mark.parametrize("arch", ["qwen3", "llama"])
 def test_engine_tokens_equal_transformers_on_the_dequantized_weights(tiny_models, arch):
     import copy
@@ -134,25 +185,39 @@ def test_quantization_none_gives_the_float32_tokens_and_the_default_is_int8(tiny
     assert [len(o.outputs[0].token_ids) for o in outs] == [8, 8]
 
 
-def test_the_chosen_format_and_its_memory_are_logged(tiny_gguf):
+def _loader_log(*llm_kwargs: dict) -> list[str]:
+    """The model loader's log messages while LLMs are built with each of llm_kwargs."""
     import logging
 
-    path, _ = tiny_gguf
     records = []
     handler = logging.Handler()
     handler.emit = records.append
     logger = logging.getLogger("folovllm.model_executor.model_loader")
     logger.addHandler(handler)
     try:
-        LLM(path, device="cpu")
-        LLM(path, device="cpu", quantization="none")
+        for kw in llm_kwargs:
+            LLM(**kw)
     finally:
         logger.removeHandler(handler)
-    lines = [r.getMessage() for r in records if r.getMessage().startswith("weights:")]
+    return [r.getMessage() for r in records]
+
+
+def test_the_chosen_format_and_its_memory_are_logged(tiny_gguf):
+    path, _ = tiny_gguf
+    lines = [m for m in _loader_log(dict(model=path, device="cpu"), dict(model=path, device="cpu", quantization="none"))
+             if m.startswith("weights:")]
     assert len(lines) == 2
     assert "int8 weights" in lines[0] and "default for a GGUF file on CPU" in lines[0]
     assert "bfloat16 activations" in lines[0] and "MB in memory" in lines[0]
     assert lines[1].startswith("weights: float32 (unquantized)")
+
+
+def test_the_log_says_when_float32_rows_meet_the_kernels_in_bfloat16(tiny_gguf, no_bf16_cpu):
+    path, _ = tiny_gguf
+    messages = _loader_log(dict(model=path, device="cpu"))
+    lines = [m for m in messages if m.startswith("weights:")]
+    assert len(lines) == 1 and "float32 activations (bfloat16 into the kernels)" in lines[0], lines
+    assert not any("slow CPU path" in m for m in messages)
 
 
 def test_cli_takes_int8_int4_and_none(tiny_gguf, capsys):

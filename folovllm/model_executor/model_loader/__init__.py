@@ -147,6 +147,9 @@ def get_quant_config(model_config) -> QuantizationConfig | None:
     from folovllm.model_executor.layers.quantization import get_quantization_config_cls
 
     quant_config = get_quantization_config_cls(name).from_config(getattr(model_config, "hf_quant_config", None) or {})
+    kernel_dtype = getattr(model_config, "cpu_kernel_dtype", None)
+    if kernel_dtype is not None and hasattr(quant_config, "kernel_dtype"):
+        quant_config.kernel_dtype = kernel_dtype
     dtype = model_config.dtype
     supported = quant_config.get_supported_act_dtypes()
     if dtype not in supported:
@@ -222,7 +225,7 @@ def get_model(model_config: ModelConfig, attn_impl, device: torch.device) -> nn.
             model.model.embedding_rows = GGUFEmbeddingRows(model_config.model, rows_of, embed.weight.dtype)
             embed.weight.data = torch.empty(0, dtype=embed.weight.dtype)
     if device.type == "cpu" and model_config.quantization in ("int8", "int4", "gptq") \
-            and model_config.dtype != torch.bfloat16:
+            and model_config.dtype != torch.bfloat16 and getattr(model_config, "cpu_kernel_dtype", None) is None:
         logger.warning("%s weights with %s activations run PyTorch's slow CPU path (the int8/int4 kernels are "
                        "fast with bfloat16 only); pass dtype='bfloat16' for speed", model_config.quantization,
                        str(model_config.dtype).removeprefix("torch."))
@@ -253,6 +256,9 @@ def weight_format(model_config: ModelConfig) -> str:
         kind = f"int4 weights, groups of {group} inputs (smaller where {group} does not divide a layer's)"
     else:
         kind = {"int8": "int8 weights, one scale per output row"}.get(name, f"{name} weights")
+    kernel = getattr(model_config, "cpu_kernel_dtype", None)
+    if kernel is not None:  # ModelConfig.resolve_dtype: a CPU without bfloat16 instructions
+        return f"{kind}{why}, {dtype} activations ({str(kernel).removeprefix('torch.')} into the kernels)"
     return f"{kind}{why}, {dtype} activations"
 
 

@@ -6,8 +6,10 @@ On CPU the matmul is PyTorch's own int8-weight kernel (`aten._weight_int8pack_mm
 the int8 weights directly: a decode step reads a quarter of float32's bytes. That kernel is fast
 only with bfloat16 activations (measured, 2 cores, 896 x 4864 GEMV at batch 1: 152 us with
 bfloat16 activations, 1,371 us with float32, 368 us for a dense float32 matmul), so dtype "auto" is
-bfloat16 with this method on CPU. Its time grows with every row, so from DENSE_FROM_ROWS rows on (a
-prefill) the layer is dequantized for that call and multiplied densely. Elsewhere (a GPU) the
+bfloat16 with this method on CPU, or, on a CPU without bfloat16 instructions, float32 with the
+kernel's rows cast to bfloat16 (kernel_dtype; ModelConfig.resolve_dtype). Its time grows with every
+row, so from DENSE_FROM_ROWS rows on (a prefill) the layer is dequantized for that call and
+multiplied densely. Elsewhere (a GPU) the
 weight is dequantized per call: correct, not fast.
 
 Symmetric round-to-nearest per output row: scale = max |w| / 127, q = round(w / scale) in
@@ -53,6 +55,10 @@ class Int8Config(QuantizationConfig):
     # The LM head is the largest matmul of a small model's decode step (Qwen2.5-0.5B: 136 M of its
     # 494 M parameters), so a tied head gets an int8 copy too; the embedding lookup stays as it is.
     quantizes_tied_lm_head = True
+    # The dtype float32 activations meet the CPU kernel in (ModelConfig.cpu_kernel_dtype): None
+    # keeps them float32 (exact, slow); bfloat16 rounds only the kernel's input, the model's other
+    # operations staying float32.
+    kernel_dtype: torch.dtype | None = None
 
     @classmethod
     def get_name(cls) -> str:
@@ -72,7 +78,7 @@ class Int8Config(QuantizationConfig):
 
         # The decoder's linears and the LM head (tied or not).
         if isinstance(layer, (LinearBase, ParallelLMHead)):
-            return Int8LinearMethod()
+            return Int8LinearMethod(self.kernel_dtype)
         return None
 
 
@@ -134,6 +140,9 @@ class QuantizeOnLoadMethod(LinearMethodBase):
 
 
 class Int8LinearMethod(QuantizeOnLoadMethod):
+    def __init__(self, kernel_dtype: torch.dtype | None = None) -> None:
+        self.kernel_dtype = kernel_dtype  # see Int8Config.kernel_dtype
+
     def quantize(self, layer: nn.Module) -> None:
         dtype = layer.weight.dtype
         q, scales = quantize_int8_rows(layer.weight.data)
@@ -143,9 +152,10 @@ class Int8LinearMethod(QuantizeOnLoadMethod):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if x2.device.type == "cpu" and x2.shape[0] < DENSE_FROM_ROWS.get(x2.dtype, 2):
-            y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), layer.weight_int8,
-                                                   layer.weight_scale.to(x2.dtype))
+        kd = self.kernel_dtype if self.kernel_dtype is not None and x2.dtype == torch.float32 else x2.dtype
+        if x2.device.type == "cpu" and x2.shape[0] < DENSE_FROM_ROWS.get(kd, 2):
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(kd).contiguous(), layer.weight_int8,
+                                                   layer.weight_scale.to(kd)).to(x2.dtype)
         else:  # one dequantized copy of the weight at a time, not two (a prefill's peak memory)
             y = x2 @ layer.weight_int8.to(x2.dtype).mul_(layer.weight_scale.to(x2.dtype)[:, None]).t()
         if bias is not None:
