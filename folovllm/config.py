@@ -40,6 +40,8 @@ def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     except OSError:
         pass
     return True
+
+
 DEFAULT_CPU_KV_CACHE_GIB = 4.0
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from folovllm.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from folovllm.config import cpu_has_native_bf16 as _cpu_has_native_bf16  # bound before the autouse pin
 from folovllm.engine.arg_utils import EngineArgs
 from folovllm.entrypoints.cli import build_parser
 
@@ -138,3 +139,16 @@ def test_an_infinite_cpu_kv_cache_is_refused(monkeypatch):
     monkeypatch.setenv("FOLOVLLM_CPU_KVCACHE_SPACE", "inf")
     with pytest.raises(ValueError, match="must be a finite number of GiB"):
         CacheConfig()
+
+
+def test_cpu_bfloat16_instructions_are_read_from_the_flags_line(tmp_path):
+    cpu_has_native_bf16 = _cpu_has_native_bf16  # the function itself: every test sees folovllm.config's pinned
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_vnni\n")
+    assert cpu_has_native_bf16(str(info)) is False
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    assert cpu_has_native_bf16(str(info)) is True
+    info.write_text("processor\t: 0\nflags\t\t: fpu amx_bf16 amx_tile\n")
+    assert cpu_has_native_bf16(str(info)) is True
+    assert cpu_has_native_bf16(str(tmp_path / "missing")) is True  # unreadable: keep bfloat16

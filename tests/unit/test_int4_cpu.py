@@ -74,34 +74,6 @@ def _quantized_layer(k, parts, dtype, seed):
     return layer, method, w.to(dtype).double(), gen
 
 
-@pytest.mark.parametrize("m", [1, 5, 260])
-def test_float32_rows_meet_the_kernel_in_its_kernel_dtype(m):
-    """kernel_dtype=bfloat16 (dtype "auto" on a CPU without bfloat16 instructions): the grid is
-    chosen in bfloat16, float32 rows below DENSE_FROM_ROWS[bfloat16] go through the kernel as
-    bfloat16 and come back float32, more rows take the float32 dense path on the same weight."""
-    gen = torch.Generator().manual_seed(20 + m)
-    k, n = 256, 64
-    layer, method = _Layer(), Int4LinearMethod(kernel_dtype=torch.bfloat16)
-    method.create_weights(layer, k, [n], k, n, torch.float32)
-    layer.weight.data.copy_(torch.randn(n, k, generator=gen))
-    method.process_weights_after_loading(layer)
-    sz = layer.weight_scales_zeros
-    assert sz.dtype == torch.bfloat16  # the grid the kernel reads
-    ref_w = reference_weight(codes_from_cpu_layout(layer.weight_int4, n, k), sz, layer.int4_group_size)
-    x = torch.randn(m, k, generator=gen)
-    y = method.apply(layer, x)
-    assert y.dtype == torch.float32 and y.shape == (m, n)
-    if m < int4.DENSE_FROM_ROWS[torch.bfloat16]:
-        ref = x.to(torch.bfloat16).double() @ ref_w.T
-        assert ((y.double() - ref).norm() / ref.norm()).item() < 2e-2
-        kernel = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), layer.weight_int4,
-                                                            layer.int4_group_size, sz)
-        assert torch.equal(y, kernel[:, :n].float())  # the kernel's own bfloat16 result
-    else:
-        ref = x.double() @ ref_w.T
-        assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-5
-
-
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("m", [1, 2, 5, 260])  # the kernel for few rows, dequantized for many (DENSE_FROM_ROWS)
 @pytest.mark.parametrize("k,parts,group", [(256, [128, 64], 128), (96, [48, 32], 32), (40, [24], 64)])

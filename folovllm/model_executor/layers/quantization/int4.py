@@ -160,17 +160,14 @@ def uses_cpu_kernel(device: torch.device) -> bool:
 
 
 def int4_cpu_linear(x2: torch.Tensor, packed: torch.Tensor, group_size: int, sz: torch.Tensor,
-                    out_features: int, kernel_dtype: torch.dtype | None = None) -> torch.Tensor:
+                    out_features: int) -> torch.Tensor:
     """x2 [M, K_padded] @ W^T -> [M, out_features] for a weight in the CPU kernel's layout: the
-    kernel for few rows, the dequantized weight and a dense matmul for many (DENSE_FROM_ROWS).
-    kernel_dtype: the dtype float32 rows meet the kernel in (Int4Config.kernel_dtype)."""
-    kd = kernel_dtype if kernel_dtype is not None and x2.dtype == torch.float32 else x2.dtype
-    if x2.shape[0] >= DENSE_FROM_ROWS.get(kd, 3) and cpu_layout_known():
+    kernel for few rows, the dequantized weight and a dense matmul for many (DENSE_FROM_ROWS)."""
+    if x2.shape[0] >= DENSE_FROM_ROWS.get(x2.dtype, 3) and cpu_layout_known():
         w = dequantize_int4(unpack_int4_cpu(packed), sz, group_size, x2.dtype)
         return F.linear(x2, w[:out_features])
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(kd).contiguous(), packed, group_size, sz.to(kd))
-    y = y if y.shape[1] == out_features else y[:, :out_features].contiguous()
-    return y.to(x2.dtype)
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, group_size, sz.to(x2.dtype))
+    return y if y.shape[1] == out_features else y[:, :out_features].contiguous()
 
 
 class Int4Config(QuantizationConfig):
@@ -180,7 +177,6 @@ class Int4Config(QuantizationConfig):
     # As with int8: the LM head is the largest matmul of a small model's decode step, so a tied
     # head gets an int4 copy; the embedding lookup keeps its table.
     quantizes_tied_lm_head = True
-    kernel_dtype: torch.dtype | None = None  # as Int8Config.kernel_dtype
 
     def __init__(self, group_size: int = GROUP_SIZES[0]) -> None:
         if group_size not in GROUP_SIZES:
@@ -207,14 +203,13 @@ class Int4Config(QuantizationConfig):
         from folovllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
         if isinstance(layer, (LinearBase, ParallelLMHead)):
-            return Int4LinearMethod(self.group_size, self.kernel_dtype)
+            return Int4LinearMethod(self.group_size)
         return None
 
 
 class Int4LinearMethod(QuantizeOnLoadMethod):
-    def __init__(self, group_size: int = GROUP_SIZES[0], kernel_dtype: torch.dtype | None = None) -> None:
+    def __init__(self, group_size: int = GROUP_SIZES[0]) -> None:
         self.group_size = group_size
-        self.kernel_dtype = kernel_dtype  # see Int8Config.kernel_dtype
 
     def quantize(self, layer: nn.Module) -> None:
         w = layer.weight.data
@@ -226,10 +221,7 @@ class Int4LinearMethod(QuantizeOnLoadMethod):
         group = pick_group_size(padded_k, self.group_size)
         if padded_k != k or padded_n != n:  # zero rows/columns: their products are sliced off or times 0
             w = F.pad(w, (0, padded_k - k, 0, padded_n - n))
-        # Scales and zeros rounded to the dtype the kernel will read them in, and the codes chosen
-        # against those.
-        grid = self.kernel_dtype if cpu and self.kernel_dtype is not None and dtype == torch.float32 else dtype
-        codes, scales, zeros = quantize_int4_groups(w, group, grid)
+        codes, scales, zeros = quantize_int4_groups(w, group, dtype)
         layer.register_buffer("weight_int4", pack_int4_cpu(codes) if cpu else pack_int4_plain(codes),
                               persistent=False)
         layer.register_buffer("weight_scales_zeros", scales_and_zeros(scales[:, :n], zeros[:, :n], padded_n),
@@ -254,8 +246,7 @@ class Int4LinearMethod(QuantizeOnLoadMethod):
         if padded_k != k:
             x2 = F.pad(x2, (0, padded_k - k))
         if layer.int4_cpu_layout:
-            y = int4_cpu_linear(x2, layer.weight_int4, layer.int4_group_size, layer.weight_scales_zeros, n,
-                                self.kernel_dtype)
+            y = int4_cpu_linear(x2, layer.weight_int4, layer.int4_group_size, layer.weight_scales_zeros, n)
         else:
             y = F.linear(x2, self.dequantized_weight(layer, x2.dtype)[:n])
         if bias is not None:
