@@ -120,44 +120,53 @@ def synchronous_steps(model: str, prefixes, prompts, params, kernels: bool, cpro
         print(tp.key_averages().table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=70))
 
 
-def attention_alone() -> None:
+def attention_alone(num_reqs_list=(16, 64)) -> None:
+    """One step's attention at the prefix workload's shape (num_reqs x 128 queries over 2,176-token
+    contexts; 16 is one slice of LLM.generate, 64 the batch queued whole), per layer, for a few
+    tile configurations, against SDPA on contiguous tensors."""
     from dataclasses import replace
 
     from triton.testing import do_bench
 
     from folovllm.attention.ops.triton_unified_attention import PREFILL_CONFIG, unified_attention
     H, KVH, D, BS = 16, 8, 128, 16
-    reqs = [(128, 2176)] * 64
-    nblocks = [-(-s // BS) for _, s in reqs]
-    g = torch.Generator().manual_seed(0)
-    pool = torch.randperm(sum(nblocks), generator=g)
-    bt = pool.view(len(reqs), -1).to(torch.int32).cuda()
-    qsl = torch.tensor([0] + [128 * (i + 1) for i in range(len(reqs))], dtype=torch.int32, device="cuda")
-    seq_lens = torch.tensor([s for _, s in reqs], dtype=torch.int32, device="cuda")
-    kv = torch.randn(2, sum(nblocks), BS, KVH, D, dtype=torch.bfloat16, device="cuda")
-    q = torch.randn(128 * len(reqs), H, D, dtype=torch.bfloat16, device="cuda")
-    out = torch.empty_like(q)
-    flops = 4 * H * D * sum(ql * (2 * s - ql + 1) / 2 for ql, s in reqs)
-    configs = [PREFILL_CONFIG] + [replace(PREFILL_CONFIG, block_m=m, block_n=n, num_warps=w, num_stages=st)
-                                  for m, n, w, st in ((128, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2),
-                                                      (64, 128, 4, 2), (128, 64, 8, 3), (64, 64, 4, 3))]
-    # the same FLOPs through torch's SDPA on contiguous tensors, per request, batched
-    qs = q.view(len(reqs), 128, H, D).transpose(1, 2)
-    ks = torch.randn(len(reqs), KVH, 2176, D, dtype=torch.bfloat16, device="cuda")
-    mask = torch.ones(128, 2176, dtype=torch.bool, device="cuda").tril(2176 - 128)
-    t = do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(qs, ks, ks, attn_mask=mask, enable_gqa=True),
-                 warmup=10, rep=100, return_mode="median") * 1e-3
-    print(f"attention of one step (64 x 128 queries, 2176 keys), per layer; x28 for the model")
-    print(f"  torch SDPA (contiguous, mask): {t * 1e6:8.1f} us  {flops / t / 1e12:6.1f} TFLOP/s")
-    for cfg in configs:
-        fn = lambda: unified_attention(q, kv, out, qsl, seq_lens, bt, D ** -0.5, 128,  # noqa: E731
-                                       path="general", config=cfg)
-        try:
-            fn()
-            t = do_bench(fn, warmup=10, rep=100, return_mode="median") * 1e-3
-            print(f"  {cfg}: {t * 1e6:8.1f} us  {flops / t / 1e12:6.1f} TFLOP/s")
-        except Exception as e:  # a configuration that does not fit shared memory
-            print(f"  {cfg}: failed ({type(e).__name__}: {str(e)[:80]})")
+    for nr in num_reqs_list:
+        reqs = [(128, 2176)] * nr
+        nblocks = [-(-s // BS) for _, s in reqs]
+        g = torch.Generator().manual_seed(0)
+        pool = torch.randperm(sum(nblocks), generator=g)
+        bt = pool.view(len(reqs), -1).to(torch.int32).cuda()
+        qsl = torch.tensor([0] + [128 * (i + 1) for i in range(len(reqs))], dtype=torch.int32, device="cuda")
+        seq_lens = torch.tensor([s for _, s in reqs], dtype=torch.int32, device="cuda")
+        kv = torch.randn(2, sum(nblocks), BS, KVH, D, dtype=torch.bfloat16, device="cuda")
+        q = torch.randn(128 * len(reqs), H, D, dtype=torch.bfloat16, device="cuda")
+        out = torch.empty_like(q)
+        flops = 4 * H * D * sum(ql * (2 * s - ql + 1) / 2 for ql, s in reqs)
+        configs = [PREFILL_CONFIG] + [replace(PREFILL_CONFIG, block_m=m, block_n=n, num_warps=w, num_stages=st)
+                                      for m, n, w, st in ((64, 64, 4, 3), (64, 128, 4, 2), (64, 128, 8, 2),
+                                                          (64, 64, 8, 2), (128, 64, 8, 2), (128, 64, 8, 3),
+                                                          (128, 128, 8, 2), (32, 64, 4, 3), (64, 32, 4, 3))]
+        qs = q.view(len(reqs), 128, H, D).transpose(1, 2)
+        ks = torch.randn(len(reqs), KVH, 2176, D, dtype=torch.bfloat16, device="cuda")
+        mask = torch.ones(128, 2176, dtype=torch.bool, device="cuda").tril(2176 - 128)
+        t = do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(qs, ks, ks, attn_mask=mask,
+                                                                               enable_gqa=True),
+                     warmup=10, rep=100, return_mode="median") * 1e-3
+        print(f"attention of one step ({nr} x 128 queries, 2176 keys), per layer; x28 for the model")
+        print(f"  torch SDPA (contiguous, mask): {t * 1e6:8.1f} us  {flops / t / 1e12:6.1f} TFLOP/s")
+        ref = None
+        for cfg in configs:
+            fn = lambda: unified_attention(q, kv, out, qsl, seq_lens, bt, D ** -0.5, 128,  # noqa: E731
+                                           path="general", config=cfg)
+            try:
+                fn()
+                if ref is None:
+                    ref = out.clone()
+                err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+                t = do_bench(fn, warmup=10, rep=100, return_mode="median") * 1e-3
+                print(f"  {cfg}: {t * 1e6:8.1f} us  {flops / t / 1e12:6.1f} TFLOP/s  (vs first: {err:.1e})")
+            except Exception as e:  # a configuration that does not fit shared memory
+                print(f"  {cfg}: failed ({type(e).__name__}: {str(e)[:80]})")
 
 
 def main() -> None:
@@ -166,6 +175,7 @@ def main() -> None:
     ap.add_argument("--kernels", action="store_true")
     ap.add_argument("--cprofile", action="store_true", help="with --synchronous: the host's time by function")
     ap.add_argument("--attention", action="store_true")
+    ap.add_argument("--max-model-len", type=int, default=None, help="default: the model's")
     ap.add_argument("--synchronous", action="store_true",
                     help="the steps run synchronously, one by one (one engine per process: run it on its own)")
     args = ap.parse_args()
@@ -176,9 +186,9 @@ def main() -> None:
     if args.synchronous:
         synchronous_steps(args.model, prefixes, prompts, params, args.kernels, args.cprofile)
     else:
-        # the model's own max_model_len, as bench prefix runs it: mixed-step graphs are captured up
-        # to min(token budget, max_model_len) tokens, so a cap of 4096 left its 8192-token step eager
-        timed_phases(LLM(args.model, load_format="dummy"), prefixes, prompts, params)
+        # the model's own max_model_len unless given, as bench prefix runs it
+        timed_phases(LLM(args.model, load_format="dummy", max_model_len=args.max_model_len), prefixes, prompts,
+                     params)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,22 @@ MIXED_GRAPH_TOKENS = [16, 32, 64, 128, 256, 512, 1024, 1536, 2048, 3072, 4096, 6
 MIXED_GRAPH_MAX_REQS = 16
 
 
+def mixed_graph_shapes(max_num_tokens: int, max_model_len: int, tiers: list[int]) -> list[tuple[int, int]]:
+    """(padded token count, request tier) of the mixed-step graphs: every size of
+    MIXED_GRAPH_TOKENS below the step budget, and the budget, in each tier that could hold a step
+    of that many tokens. No request holds more than max_model_len tokens, so a size above it
+    needs ceil(size / max_model_len) requests: a tier with fewer never sees such a step."""
+    cap = min(max_num_tokens, max(tiers) * max_model_len)   # the largest step any tier can hold
+    sizes = [s for s in MIXED_GRAPH_TOKENS if s < cap] + [cap]
+    return [(s, r) for s in sizes for r in tiers if -(-s // max_model_len) <= r]
+
+
+def mixed_capture_rows(size: int, max_model_len: int) -> list[int]:
+    """The rows of each request a mixed graph of `size` tokens is captured with: as few requests
+    as hold them at no more than max_model_len each (positions and block tables stay in range)."""
+    return [min(max_model_len, size - start) for start in range(0, size, max_model_len)]
+
+
 def default_graph_batch_sizes(max_num_seqs: int) -> list[int]:
     sizes = [1, 2, 4] + list(range(8, 256, 8)) + list(range(256, 1025, 32))
     return [s for s in sizes if s < max_num_seqs] + [max_num_seqs]
@@ -350,13 +366,12 @@ class ModelRunner:
         if not self.use_cuda_graph:
             return 0.0
         t0 = time.perf_counter()
-        limit = min(self.max_num_tokens, self.input_batch.max_model_len)
         max_len = self.input_batch.max_model_len
         impl = self.attn_layers[0].impl
         keys = [(True, s, s, bound) for s in batch_sizes if s <= min(self.max_num_reqs, self.max_num_tokens)
                 for bound in impl.decode_graph_bounds(s, max_len, self.device)]
-        mixed = [s for s in MIXED_GRAPH_TOKENS if s < limit] + [limit]
-        keys += [(False, s, r, max_len) for s in mixed for r in self.mixed_graph_reqs]
+        keys += [(False, s, r, max_len)
+                 for s, r in mixed_graph_shapes(self.max_num_tokens, max_len, self.mixed_graph_reqs)]
         keys.sort(key=lambda k: k[1:], reverse=True)  # largest first: later graphs reuse its memory
         pool = torch.cuda.graph_pool_handle()
         self.input_ids.zero_()
@@ -371,12 +386,13 @@ class ModelRunner:
                 self.seq_lens.fill_(1)
                 # the graph serves contexts up to `bound`: attention picks its launch for that
                 max_seq = bound
-            else:  # one request holding all rows; the others empty
-                max_q = max_seq = size
+            else:  # the rows in as few requests as hold them (mixed_capture_rows); the others empty
+                rows = mixed_capture_rows(size, max_len)
+                max_q = max_seq = max(rows)
                 self.query_start_loc.fill_(size)
-                self.query_start_loc[0] = 0
+                self.query_start_loc[:len(rows) + 1] = torch.tensor(np.cumsum([0] + rows), dtype=torch.int32)
                 self.seq_lens.zero_()
-                self.seq_lens[0] = size
+                self.seq_lens[:len(rows)] = torch.tensor(rows, dtype=torch.int32)
             md = self._metadata(num_reqs, size, size, max_q, max_seq)
             out = self.model(self.input_ids[:size], self.positions[:size], md)  # compile and warm up
             if self.graph_hidden is None:

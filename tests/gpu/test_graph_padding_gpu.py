@@ -125,3 +125,34 @@ def test_long_context_decode_graphs_match_eager(tiny_models, tmp_path):
     want = engine(True).generate(reqs, params, use_tqdm=False)
     for g, w in zip(got, want):
         assert g.outputs[0].token_ids == w.outputs[0].token_ids
+
+
+def test_mixed_graphs_above_max_model_len_match_eager(tiny_models):
+    """A step budget above max_model_len: the mixed-step graphs of more than max_model_len tokens
+    are captured (as several requests) and replayed by a step of several prompts, whose tokens
+    equal the eager engine's."""
+    path = tiny_models["qwen3"][0]
+    max_len, budget = 256, 1024
+
+    def engine(eager: bool) -> LLM:
+        return LLM(path, device="cuda", dtype="float32", attention_backend="triton", max_model_len=max_len,
+                   max_num_batched_tokens=budget, num_gpu_blocks_override=512, max_num_seqs=MAX_NUM_SEQS,
+                   enforce_eager=eager)
+
+    graphs = engine(False)
+    mixed_sizes = {k[1] for k in runner_of(graphs).graphs if not k[0]}
+    assert {512, budget} <= mixed_sizes, sorted(mixed_sizes)   # above max_model_len
+    gen = torch.Generator().manual_seed(11)
+    reqs = [{"prompt_token_ids": torch.randint(3, 320, (k,), generator=gen).tolist()}
+            for k in (200, 180, 150, 220, 90, 170)]          # 1,010 tokens: one step of the budget
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    with recording_graph_replays(graphs) as replays:
+        got = graphs.generate(reqs, params, use_tqdm=False)
+    big = [r for r in replays if not r["key"][0] and r["key"][1] > max_len]
+    assert big and big[0]["query_start_loc"][-1] > max_len, [r["key"] for r in replays]
+    for r in replays:
+        check_replay(r)
+    del graphs
+    want = engine(True).generate(reqs, params, use_tqdm=False)
+    for g, w in zip(got, want):
+        assert g.outputs[0].token_ids == w.outputs[0].token_ids
