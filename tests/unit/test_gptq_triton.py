@@ -245,6 +245,17 @@ def test_dequantize_then_matmul(g_idx_kind):
 
 
 @in_process
+@pytest.mark.parametrize("block_k", [64, 128, 32], ids=["tile_is_group", "tile_spans_groups", "group_spans_tiles"])
+def test_dequantize_tiles_and_groups(block_k):
+    """The dequantize kernel with several groups of 64 rows: a tile of exactly one group and a
+    tile inside one (one scale and zero row per tile), and a tile across two groups (a row each)."""
+    packed, w = make_weight(256, 96, 4, 64, "none")
+    cfg = gq.GPTQKernelConfig(0, 32, block_k, kind="dequant")
+    for dtype in DTYPES:
+        check(randx(5, 256, dtype), packed, w, 4, 64, config=cfg)
+
+
+@in_process
 @pytest.mark.parametrize("bits", [4, 8])
 def test_unbalanced_g_idx_and_ragged_groups(bits):
     """A g_idx with any group per row (gathered per element), and a group size that no BLOCK_K
@@ -443,7 +454,7 @@ for bits, perm, split in [(4, False, True), (8, True, False)]:
 cfg = g.default_config(g.DEQUANT_MIN_ROWS, 4096, 4096)
 build(g._gptq_dequant_kernel, ["qw_ptr", "qz_ptr", "s_ptr", "g_ptr", "w_ptr", "N", "K", "group_size", "stride_qk",
                                "stride_zg", "stride_sg", "stride_wk"], ["*i32", "*i32", "*fp16", "*i32", "*bf16"] + ["i32"] * 7,
-      dict(BITS=4, HAS_G_IDX=False, BLOCK_N=cfg.block_n, BLOCK_KP=cfg.block_k // 8), cfg)
+      dict(BITS=4, HAS_G_IDX=False, BLOCK_N=cfg.block_n, BLOCK_KP=cfg.block_k // 8, ONE_GROUP=True), cfg)
 for fn in (g._gptq_matmul_kernel, g._gptq_gemv_kernel, g._gptq_swap_kernel):
     assert [p.name for p in fn.params if p.do_not_specialize] == ["M"]
 print("compiled")
