@@ -104,6 +104,16 @@ class BlockPool:
     def get_cached_block(self, block_hash: int) -> KVCacheBlock | None:
         return self.cached_block_hash_to_block.get(block_hash)
 
+    def get_cached_prefix(self, block_hashes: list[int]) -> list[KVCacheBlock]:
+        """The cached blocks of the longest run of block_hashes, from the first, that are all in
+        the cache. (Every lookup in one C-level map: a chain of 128 blocks cost ~40 us looked up
+        one call at a time.)"""
+        blocks = list(map(self.cached_block_hash_to_block.get, block_hashes))
+        try:
+            return blocks[:blocks.index(None)]
+        except ValueError:
+            return blocks
+
     def cache_block(self, block: KVCacheBlock, block_hash: int) -> None:
         """Record that a full block holds the tokens summed up by block_hash. The first block
         cached under a hash stays the canonical one."""

@@ -222,6 +222,17 @@ def test_cached_block_keeps_its_hash_while_free_and_loses_it_when_reused():
     assert pool.get_cached_block(222) is b
 
 
+def test_cached_prefix_stops_at_the_first_hash_not_cached():
+    pool = BlockPool(4, enable_caching=True)
+    a, b, c, _ = pool.get_new_blocks(4)
+    for block, h in ((a, 11), (b, 22), (c, 44)):
+        pool.cache_block(block, h)
+    assert pool.get_cached_prefix([11, 22, 44]) == [a, b, c]
+    assert pool.get_cached_prefix([11, 22, 33, 44]) == [a, b]   # 44 is cached, but after a miss
+    assert pool.get_cached_prefix([33, 11]) == []
+    assert pool.get_cached_prefix([]) == []
+
+
 def test_first_cached_block_for_a_hash_stays_canonical():
     pool = BlockPool(3, enable_caching=True)
     a, b = pool.get_new_blocks(2)
