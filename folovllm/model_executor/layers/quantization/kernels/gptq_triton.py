@@ -707,11 +707,6 @@ def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
     return out.view(*shape[:-1], n)
 
 
-# The dequantize kernel reads one scale and zero row per tile where the tile lies in one group
-# (False: per weight row, as for act-order g_idx; kept switchable for the kernel benchmark).
-ONE_GROUP_DEQUANT = True
-
-
 def _dequantize_into(w: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                      g_idx: torch.Tensor | None, bits: int, group_size: int, cfg: GPTQKernelConfig) -> None:
     k, n = w.shape
@@ -720,8 +715,8 @@ def _dequantize_into(w: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tenso
     _gptq_dequant_kernel[grid](qweight, qzeros, scales, qweight if g_idx is None else g_idx, w, n, k, group_size,
                                qweight.stride(0), qzeros.stride(0), scales.stride(0), w.stride(0),
                                BITS=bits, HAS_G_IDX=g_idx is not None, BLOCK_N=cfg.block_n,
-                               BLOCK_KP=block_kp, ONE_GROUP=ONE_GROUP_DEQUANT and g_idx is None
-                               and group_size % (block_kp * (32 // bits)) == 0,
+                               BLOCK_KP=block_kp,
+                               ONE_GROUP=g_idx is None and group_size % (block_kp * (32 // bits)) == 0,
                                num_warps=cfg.num_warps)
 
 
