@@ -50,6 +50,33 @@ def test_linear_method_equals_the_dequantized_matmul(dtype, tol, m):
     assert ((y - ref).norm() / ref.norm()).item() < tol
 
 
+@pytest.mark.parametrize("m", [7, 8, 20])
+def test_wide_layers_from_a_few_rows_are_multiplied_by_chunks(monkeypatch, m):
+    """A layer at least CHUNKED_MIN_OUTPUTS wide (an LM head), from CHUNKED_FROM_ROWS rows up to the
+    dense path's rows, goes through dense_by_chunks (chunks of CHUNK_ROWS outputs, the last one
+    shorter here): x @ (q * s)^T as the kernel gives it, within bfloat16 rounding."""
+    import folovllm.model_executor.layers.quantization.int8 as int8
+
+    monkeypatch.setattr(int8, "CHUNKED_MIN_OUTPUTS", 64)
+    monkeypatch.setattr(int8, "CHUNK_ROWS", 48)   # 80 outputs: a chunk of 48 and one of 32
+    calls = []
+    real = int8.dense_by_chunks
+    monkeypatch.setattr(int8, "dense_by_chunks", lambda *a: calls.append(1) or real(*a))
+    gen = torch.Generator().manual_seed(30 + m)
+    layer, method = _Layer(), Int8LinearMethod()
+    method.create_weights(layer, 96, [80], 96, 80, torch.bfloat16)
+    layer.weight.data.copy_(torch.randn(80, 96, generator=gen).bfloat16())
+    method.process_weights_after_loading(layer)
+    x = torch.randn(m, 96, generator=gen).bfloat16()
+    y = method.apply(layer, x)
+    assert len(calls) == (1 if m >= int8.CHUNKED_FROM_ROWS else 0)
+    ref = x.double() @ (layer.weight_int8.double() * layer.weight_scale.double()[:, None]).T
+    assert y.dtype == torch.bfloat16 and y.shape == (m, 80)
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-2
+    kernel = torch.ops.aten._weight_int8pack_mm(x, layer.weight_int8, layer.weight_scale)
+    assert ((y.double() - kernel.double()).norm() / ref.norm()).item() < 1e-2
+
+
 @pytest.mark.parametrize("m", [1, 5, 40])
 def test_float32_rows_meet_the_kernel_in_its_kernel_dtype(m):
     """kernel_dtype=bfloat16 (dtype "auto" on a CPU without bfloat16 instructions): float32 rows
