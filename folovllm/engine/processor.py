@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import array
 import copy
-from numbers import Integral
+import operator
 from typing import Any, Union
 
 import numpy as np
+import torch
 
 from folovllm.config import ModelConfig
 from folovllm.engine.tokenizer import eos_token_ids
@@ -17,9 +18,14 @@ from folovllm.sampling_params import SamplingParams
 PromptType = Union[str, list[int], dict[str, Any]]
 
 
+def _is_bool(t) -> bool:
+    return t is True or t is False or getattr(t, "dtype", None) in (torch.bool, np.bool_)
+
+
 def _token_ids(ids) -> tuple[list[int], int, int]:
     """Token ids as plain ints, with the smallest and the largest; a float, a bool or a string
-    among them is an error, not a guess."""
+    among them is an error, not a guess. Integer scalars of other kinds (numpy integers, a
+    one-element integer tensor) are taken as their value."""
     if not isinstance(ids, (list, tuple)):
         raise ValueError(f"prompt_token_ids must be a list of ints, got {type(ids).__name__}")
     try:
@@ -32,14 +38,19 @@ def _token_ids(ids) -> tuple[list[int], int, int]:
         packed = None
     if packed is not None and packed:
         values = np.frombuffer(packed, dtype=np.int64)
-        # True and False convert too, as 1 and 0: only ids of 0 or 1 can be one of them
-        if not any(ids[i] is True or ids[i] is False for i in np.flatnonzero(values <= 1).tolist()):
+        # True and False (and bool tensors) convert too, as 1 and 0: only ids of 0 or 1 can be one
+        if not any(_is_bool(ids[i]) for i in np.flatnonzero(values <= 1).tolist()):
             return packed.tolist(), int(values.min()), int(values.max())
     out = []
-    for i, t in enumerate(ids):
-        if type(t) is not int and (not isinstance(t, Integral) or isinstance(t, bool)):
-            raise ValueError(f"prompt token {i} is {t!r}; token ids must be ints")
-        out.append(int(t))
+    for i, t in enumerate(ids):   # the slow path names the first id that is not an integer
+        if type(t) is not int:
+            try:
+                if _is_bool(t):
+                    raise TypeError
+                t = operator.index(t)
+            except TypeError:
+                raise ValueError(f"prompt token {i} is {t!r}; token ids must be ints") from None
+        out.append(t)
     return out, min(out, default=0), max(out, default=-1)
 
 

@@ -45,9 +45,11 @@ MIXED_GRAPH_MAX_REQS = 16
 
 def mixed_graph_shapes(max_num_tokens: int, max_model_len: int, tiers: list[int]) -> list[tuple[int, int]]:
     """(padded token count, request tier) of the mixed-step graphs: every size of
-    MIXED_GRAPH_TOKENS below the step budget, and the budget, in each tier that could hold a step
-    of that many tokens. No request holds more than max_model_len tokens, so a size above it
-    needs ceil(size / max_model_len) requests: a tier with fewer never sees such a step."""
+    MIXED_GRAPH_TOKENS below the largest step a tier can hold (the step budget, or the largest
+    tier's requests times max_model_len if that is less), and that largest step, in each tier that
+    could hold a step of that many tokens. No request holds more than max_model_len tokens, so a
+    size above it needs ceil(size / max_model_len) requests: a tier with fewer never sees such a
+    step."""
     cap = min(max_num_tokens, max(tiers) * max_model_len)   # the largest step any tier can hold
     sizes = [s for s in MIXED_GRAPH_TOKENS if s < cap] + [cap]
     return [(s, r) for s in sizes for r in tiers if -(-s // max_model_len) <= r]
