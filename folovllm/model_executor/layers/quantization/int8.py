@@ -9,7 +9,8 @@ bfloat16 activations, 1,371 us with float32, 368 us for a dense float32 matmul),
 bfloat16 with this method on CPU, or, on a CPU without bfloat16 instructions, float32 with the
 kernel's rows cast to bfloat16 (kernel_dtype; ModelConfig.resolve_dtype). Its time grows with every
 row, so from DENSE_FROM_ROWS rows on (a prefill) the layer is dequantized for that call and
-multiplied densely. Elsewhere (a GPU) the
+multiplied densely, and a vocabulary-wide layer (the LM head) already from CHUNKED_FROM_ROWS rows
+(a batch's decode step), a cache-sized chunk at a time (dense_by_chunks). Elsewhere (a GPU) the
 weight is dequantized per call: correct, not fast.
 
 Symmetric round-to-nearest per output row: scale = max |w| / 127, q = round(w / scale) in
